@@ -283,7 +283,8 @@ def compute_subspaces(
                 if cache is not None:
                     cache.store(fps[name], ks[name], tag, sub)
             bar.update(len(names))
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{len(weights) - len(misses)} cached, total {elapsed:.2f} s")
     if weights:
         logger.info(
             "principal subspaces: %d computed (%s), %d from cache, in %.2f s",

@@ -1,0 +1,109 @@
+"""`OffPrincipalConfig`: the PEFT configuration of the OffPrincipal adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ..projection import SIDES
+from ..subspace import SVD_METHODS
+
+PEFT_TYPE_NAME = "OFFPRINCIPAL"
+INIT_CHOICES = ("random", "minor")
+
+
+@dataclass
+class OffPrincipalConfig(PeftConfig):
+    """Configuration of an OffPrincipal adapter.
+
+    Each targeted weight W0 (m×n, out×in) with top-k singular bases U (m×k), V (n×k) gets trainable factors
+    A (r×n) and B (m×r) and the update
+
+        ΔW = (alpha / r) · (B − U(UᵀB)) · (A − (AV)Vᵀ)          (sides="both")
+
+    which lies exactly in the complement of W0's principal subspace for any values of A, B, whatever the
+    optimizer. ``sides="left"`` keeps only the U factor, ``"right"`` only the V factor.
+
+    Args:
+        r: rank of the trainable factors.
+        alpha: scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter's input.
+        top_k: size of the protected principal subspace per weight: an int, or a float in (0, 1) meaning a
+            fraction of min(m, n).
+        top_k_pattern: per-module overrides of ``top_k``, ``{regex: k}`` matched like LoRA's ``rank_pattern``.
+        sides: ``"both"`` (default), ``"left"`` or ``"right"``.
+        init: ``"random"`` (LoRA-style: A Kaiming-uniform, B = 0) or ``"minor"`` (rows of A are the r right
+            singular directions of smallest singular value outside the top-k, B = 0). Both start at ΔW = 0.
+        svd_method: ``"exact"`` (full fp32 SVD) or ``"randomized"`` (8 QR-stabilised power iterations).
+        subspace_cache_dir: where the bases are cached (safetensors, keyed by a fingerprint of the weight);
+            ``None``: ``$OFFPRINCIPAL_CACHE_DIR/subspaces`` or ``~/.cache/offprincipal/subspaces``. The bases are
+            NOT saved with the adapter: on load they are found again in this cache (or recomputed from the base
+            weight, deterministically) — the base model must be the same one the adapter was trained on.
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoRA;
+            ``target_modules="all-linear"`` targets every linear layer but the output head.
+        bias: only ``"none"`` is supported.
+        fan_in_fan_out: set for layers that store their weight as (in, out) (GPT-2's Conv1D is detected
+            automatically).
+    """
+
+    r: int = field(default=16, metadata={"help": "Rank of the trainable factors A (r×n), B (m×r)."})
+    alpha: float = field(default=16.0, metadata={"help": "The update is scaled by alpha / r."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    top_k: Union[int, float] = field(
+        default=32, metadata={"help": "Protected principal subspace size: int, or float in (0, 1) of min(m, n)."}
+    )
+    top_k_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "Per-module top_k overrides {regex: k}, matched like rank_pattern."}
+    )
+    sides: Literal["both", "left", "right"] = field(
+        default="both", metadata={"help": "Which side(s) of ΔW are kept off the principal subspace."}
+    )
+    init: Literal["random", "minor"] = field(default="random", metadata={"help": "Initialisation of A (B = 0)."})
+    svd_method: Literal["exact", "randomized"] = field(default="exact", metadata={"help": "How bases are computed."})
+    subspace_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for the bases."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to adapt; 'all-linear' for every linear layer."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to exclude."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt (with layers_pattern)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, e.g. 'layers' or 'h'."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained in full and saved with the adapter."}
+    )
+    bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (in, out), e.g. GPT-2 Conv1D."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from peft.utils import PeftType
+
+        self.peft_type = PeftType[PEFT_TYPE_NAME]  # the member is added when offprincipal.tuner is imported
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"OffPrincipalConfig.r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"OffPrincipalConfig.dropout must lie in [0, 1), got {self.dropout}")
+        if self.sides not in SIDES:
+            raise ValueError(f"OffPrincipalConfig.sides must be one of {SIDES}, got {self.sides!r}")
+        if self.init not in INIT_CHOICES:
+            raise ValueError(f"OffPrincipalConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.svd_method not in SVD_METHODS:
+            raise ValueError(f"OffPrincipalConfig.svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        if self.bias != "none":
+            raise ValueError(f"OffPrincipalConfig.bias={self.bias!r} is not supported; use bias='none'")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
+            raise TypeError(f"OffPrincipalConfig.top_k must be an int or a float in (0, 1), got {self.top_k!r}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("OffPrincipalConfig.layers_pattern only takes effect with layers_to_transform")
+        self.top_k_pattern = dict(self.top_k_pattern or {})

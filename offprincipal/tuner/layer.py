@@ -1,0 +1,204 @@
+"""OffPrincipal adapter layers.
+
+A wrapped linear layer computes ``y = base(x) + s · (x Ãᵀ) B̃ᵀ`` with s = alpha/r and the projected factors
+
+    Ã = A − (AV)Vᵀ   (r×n, "right")        B̃ = B − U(UᵀB)   (m×r, "left")
+
+so that ΔW = s·B̃Ã satisfies UᵀΔW = 0 and ΔW V = 0 for any A, B. Projecting the factors costs
+O(r·k·(m+n)) per forward, independent of the number of tokens; the m×n weight is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from ..projection import project, uses_left, uses_right
+from ..subspace import Subspace, minor_right_directions, weight_matrix
+
+
+class OffPrincipalLayer(BaseTunerLayer):
+    """Adapter state of one wrapped layer. ``offprincipal_U``/``offprincipal_V`` hold the frozen fp32 bases
+    (non-persistent: they are not saved with the adapter; see ``OffPrincipalConfig.subspace_cache_dir``)."""
+
+    adapter_layer_names = ("offprincipal_A", "offprincipal_B")
+    other_param_names = ("r", "alpha", "scaling", "sides", "offprincipal_dropout", "offprincipal_U", "offprincipal_V")
+    _basis_names = ("offprincipal_U", "offprincipal_V")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.sides: dict[str, str] = {}
+        self.offprincipal_dropout = nn.ModuleDict({})
+        self.offprincipal_A = nn.ModuleDict({})
+        self.offprincipal_B = nn.ModuleDict({})
+        self.offprincipal_U = BufferDict({}, persistent=False)
+        self.offprincipal_V = BufferDict({}, persistent=False)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(f"OffPrincipal supports nn.Linear and GPT-2 Conv1D layers, got {type(base).__name__}")
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        sides: str,
+        init: str,
+        subspace: Subspace,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Add adapter ``adapter_name``: factors A (r×n), B (m×r) with B = 0, and the frozen bases."""
+        if subspace.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"subspace shape {subspace.shape} does not match the layer's (out, in) = "
+                f"({self.out_features}, {self.in_features})"
+            )
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.sides[adapter_name] = sides
+        self.offprincipal_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        self.offprincipal_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.offprincipal_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self._init_factors(adapter_name, init, subspace.k)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        device = self.get_base_layer().weight.device
+        if uses_left(sides):
+            self.offprincipal_U[adapter_name] = subspace.U.to(device=device, dtype=torch.float32)
+        if uses_right(sides):
+            self.offprincipal_V[adapter_name] = subspace.V.to(device=device, dtype=torch.float32)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def _init_factors(self, adapter_name: str, init: str, k: int) -> None:
+        A = self.offprincipal_A[adapter_name].weight
+        nn.init.zeros_(self.offprincipal_B[adapter_name].weight)
+        if init == "random":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif init == "minor":
+            W = weight_matrix(self.get_base_layer())
+            A.copy_(minor_right_directions(W, k, self.r[adapter_name]).to(A))
+        else:
+            raise ValueError(f"unknown init {init!r}; use 'random' or 'minor'")
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's move, except that the bases keep fp32 (PEFT would cast them to the base weight's dtype)."""
+        bases = {n: getattr(self, n)[adapter_name] for n in self._basis_names if adapter_name in getattr(self, n)}
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        for n, basis in bases.items():
+            getattr(self, n)[adapter_name] = basis.to(device=getattr(self, n)[adapter_name].device)
+
+    def effective_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Ã, B̃): the factors after projection, in the factors' dtype; ΔW = scaling · B̃ Ã."""
+        A = self.offprincipal_A[adapter_name].weight
+        B = self.offprincipal_B[adapter_name].weight
+        U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
+        V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
+        if V is not None:
+            A = project(A, None, V, "right")
+        if U is not None:
+            B = project(B, U, None, "left")
+        return A, B
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW in the orientation of the base layer's weight ((out, in); (in, out) for Conv1D), fp32 math."""
+        A, B = self.effective_factors(adapter_name)
+        delta = (B.float() @ A.float()) * self.scaling[adapter_name]
+        return delta.T if self._transposed else delta
+
+    @property
+    def _transposed(self) -> bool:
+        return isinstance(self.get_base_layer(), Conv1D) or self.kwargs.get("fan_in_fan_out", False)
+
+
+class Linear(nn.Module, OffPrincipalLayer):
+    """OffPrincipal adapter around ``nn.Linear`` or GPT-2 ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        sides: str,
+        init: str,
+        subspace: Subspace,
+        fan_in_fan_out: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        OffPrincipalLayer.__init__(self, base_layer, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, alpha, dropout, sides, init, subspace)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active adapters' ΔW to the base weight (TRL's vLLM sync does merge → unmerge)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.offprincipal_A:
+                continue
+            delta = self.get_delta_weight(name).detach()
+            with torch.no_grad():
+                merged = weight.data.float() + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights: adapter {name!r} seems to be broken")
+                weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' ΔW again (exact up to the weight dtype's rounding)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.offprincipal_A:
+                with torch.no_grad():
+                    weight.data.copy_((weight.data.float() - self.get_delta_weight(name).detach()).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.offprincipal_A:
+                continue
+            A, B = self.effective_factors(name)
+            h = self._cast_input_dtype(self.offprincipal_dropout[name](x), A.dtype)
+            result = result + nn.functional.linear(nn.functional.linear(h, A), B) * self.scaling[name]
+        return result.to(result_dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "offprincipal." + super().__repr__()

@@ -1,0 +1,121 @@
+"""`OffPrincipalModel`: the PEFT tuner that injects OffPrincipal layers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from ..subspace import Subspace, compute_subspaces, weight_matrix
+from .config import OffPrincipalConfig
+from .layer import Linear, OffPrincipalLayer
+
+
+def _linear_base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+class OffPrincipalModel(BaseTuner):
+    """Creates an OffPrincipal adapter model from a pretrained model (use ``peft.get_peft_model``).
+
+    Before injecting an adapter, the principal bases of every targeted weight are computed in one pass
+    through :func:`offprincipal.subspace.compute_subspaces` (disk cache, progress bar, total time).
+    """
+
+    prefix: str = "offprincipal_"
+    tuner_layer_cls = OffPrincipalLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        self._prefetched = self._prefetch_subspaces(model, self.peft_config[adapter_name])
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        finally:
+            self._prefetched = {}
+
+    def _targeted_weights(self, model: nn.Module, config: OffPrincipalConfig) -> dict[str, torch.Tensor]:
+        """(out, in) weights of the modules the config targets, matched with PEFT's own rules."""
+        config = _maybe_include_all_linear_layers(
+            self._prepare_adapter_config(copy.deepcopy(config), self.get_model_config(model)), model
+        )
+        tuner_prefixes = [k + "." for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        weights = {}
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(p) for p in tuner_prefixes):
+                continue
+            match = self._check_target_module_exists(config, key)
+            if not match or isinstance(match, _ExcludedModule):
+                continue
+            base = _linear_base(module)
+            if isinstance(base, (nn.Linear, Conv1D)) and base.weight.device.type != "meta":
+                weights[key] = weight_matrix(base, config.fan_in_fan_out)
+        return weights
+
+    def _prefetch_subspaces(self, model: nn.Module, config: OffPrincipalConfig) -> dict[str, Subspace]:
+        return self._compute_subspaces(self._targeted_weights(model, config), config, progress=True)
+
+    @staticmethod
+    def _compute_subspaces(weights, config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
+        return compute_subspaces(
+            weights,
+            config.top_k,
+            top_k_pattern=config.top_k_pattern,
+            method=config.svd_method,
+            cache_dir=config.subspace_cache_dir,
+            progress=progress,
+        )
+
+    def _create_and_replace(
+        self,
+        config: OffPrincipalConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        base = _linear_base(target)
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(
+                f"OffPrincipal can only adapt linear layers (nn.Linear, GPT-2 Conv1D); target module "
+                f"{current_key!r} is a {type(base).__name__}. Remove it from target_modules (or use exclude_modules)."
+            )
+        subspace = self._prefetched.get(current_key)
+        if subspace is None:  # e.g. matched from a state_dict, or a weight that was on the meta device
+            W = weight_matrix(base, config.fan_in_fan_out)
+            subspace = self._compute_subspaces({current_key: W}, config, progress=False)[current_key]
+        kwargs = dict(
+            r=config.r,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            sides=config.sides,
+            init=config.init,
+            subspace=subspace,
+        )
+        if isinstance(target, OffPrincipalLayer):
+            target.update_layer(adapter_name, inference_mode=config.inference_mode, **kwargs)
+            return
+        new_module = Linear(target, adapter_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
