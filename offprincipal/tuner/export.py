@@ -68,7 +68,7 @@ def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         lora_config.save_pretrained(str(tmp))
-        save_file({k.removeprefix(_PEFT_PREFIX): v.cpu() for k, v in state_dict.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME))
+        save_file({k: v.cpu() for k, v in state_dict.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
