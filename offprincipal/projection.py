@@ -9,15 +9,28 @@ For an update D (m×n) of a weight with top-k bases U (m×k) and V (n×k) (ortho
 P is an orthogonal projector (P∘P = P), so Uᵀ P(D) = 0 (left/both) and P(D) V = 0 (right/both) up to the
 orthonormality error of U, V. Math runs in fp32 (fp64 stays fp64) and the result has D's dtype. Cost
 O(k·m·n) — never builds an m×m or n×n projector.
+
+Besides the functional :func:`project` (autograd-friendly, used by the adapter) this module has the in-place
+:func:`project_` used by the optimizer. It dispatches to the fused Triton kernels of ``offprincipal.kernels``
+for CUDA tensors (``backend="auto"``) and runs the torch reference otherwise. Both accept row shards: when D
+holds rows ``[a, b)`` of a matrix sharded by rows over a process group (FSDP2's ``Shard(0)``), pass
+``U[a:b]`` and an ``all_reduce`` that sums the k×n coefficient ``UᵀD`` over the group; the right side is
+row-local. :func:`row_shard` reads the row range and group from a DTensor.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
 SIDES = ("both", "left", "right")
+BACKENDS = ("auto", "torch", "triton")
+
+AllReduce = Callable[[torch.Tensor], None]
+"""Sums a tensor in place over the ranks that hold the other row shards (``None``: D is the whole matrix)."""
 
 
 def check_sides(sides: str) -> str:
@@ -41,11 +54,24 @@ def project(
 
     Autograd flows through it (the adapter projects its factors in the forward pass with it).
     """
+    return _project(D, U, V, sides, None)
+
+
+def _project(
+    D: torch.Tensor, U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str, all_reduce: Optional[AllReduce]
+) -> torch.Tensor:
+    """The reference: left factor first, ``D − U(UᵀD)``, then the right one, ``X − (XV)Vᵀ``.
+
+    With ``all_reduce``, D and U are matching row shards and ``UᵀD`` (k×n) is summed over the shards.
+    """
     compute = torch.promote_types(D.dtype, torch.float32)
     out = D.to(compute)
     if uses_left(sides):
         U = U.to(compute)
-        out = out - U @ (U.T @ out)
+        coeff = U.T @ out
+        if all_reduce is not None:
+            all_reduce(coeff)
+        out = out - U @ coeff
     if uses_right(sides):
         V = V.to(compute)
         out = out - (out @ V) @ V.T
@@ -78,3 +104,111 @@ def principal_leak(
     left = float(torch.linalg.matrix_norm(U.to(D64).T @ D64) / norm) if U is not None else 0.0
     right = float(torch.linalg.matrix_norm(D64 @ V.to(D64)) / norm) if V is not None else 0.0
     return left, right
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(backend: str, D: torch.Tensor, what: str = "D") -> str:
+    """``"torch"`` or ``"triton"`` for a tensor ``D`` (named ``what`` in errors).
+
+    ``"auto"`` picks Triton for CUDA tensors when Triton is importable, else torch. ``"triton"`` needs a CUDA
+    tensor, or CPU tensors with ``TRITON_INTERPRET=1`` set before ``offprincipal.kernels`` is first imported.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if not D.is_cuda:
+            return "torch"
+        try:
+            import offprincipal.kernels  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    try:
+        from offprincipal import kernels
+    except ImportError as exc:
+        raise RuntimeError(
+            f"backend='triton' was requested for {what}, but the Triton kernels cannot be imported ({exc}). "
+            "Install triton (Linux x86_64) or use backend='torch' / 'auto'."
+        ) from exc
+    if not (D.is_cuda or (D.device.type == "cpu" and kernels.INTERPRETED)):
+        raise RuntimeError(
+            f"backend='triton' cannot run on {what}: it is on device {D.device}, and the kernels run on CUDA tensors "
+            "(or on CPU under Triton's interpreter, with TRITON_INTERPRET=1 set before offprincipal.kernels is first "
+            "imported). Use backend='auto' or 'torch' for CPU tensors."
+        )
+    return "triton"
+
+
+def project_(
+    D: torch.Tensor,
+    U: Optional[torch.Tensor],
+    V: Optional[torch.Tensor],
+    sides: str = "both",
+    *,
+    backend: str = "auto",
+    all_reduce: Optional[AllReduce] = None,
+) -> torch.Tensor:
+    """In place: ``D ← P(D)`` for D (m, n) with U (m, k), V (n, k); returns D. No autograd.
+
+    ``backend`` (see :func:`resolve_backend`): the Triton path is two fused passes over D (one read to form
+    UᵀD and DV, one read+write to apply them). ``all_reduce``: D and U are matching row shards of a matrix
+    sharded by rows, and UᵀD is summed over the shards (every rank must call this, even with 0 rows).
+    """
+    check_sides(sides)
+    if D.ndim != 2:
+        raise ValueError(f"project_ needs a 2-D tensor, got shape {tuple(D.shape)}")
+    if resolve_backend(backend, D) == "triton":
+        from offprincipal import kernels
+
+        return kernels.project_(D, U, V, sides, all_reduce=all_reduce)
+    with torch.no_grad():
+        return D.copy_(_project(D, U, V, sides, all_reduce))
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """Where the local part of a row-sharded matrix lies: rows ``[start, stop)``; ``all_reduce`` sums over the
+    ranks that hold the other rows (``None`` when the local tensor holds every row)."""
+
+    local: torch.Tensor
+    start: int
+    stop: int
+    all_reduce: Optional[AllReduce]
+
+
+def row_shard(t: torch.Tensor, what: str = "tensor") -> RowShard:
+    """The local rows of ``t``: a plain tensor is whole; a DTensor may be ``Shard(0)`` on one mesh dimension
+    (FSDP2, HSDP) and ``Replicate()`` on the others. Any other sharding raises, naming ``what``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(t, DTensor):
+        return RowShard(t, 0, t.shape[0], None)
+    shard_dims = []
+    for dim, placement in enumerate(t.placements):
+        if type(placement) is Shard and placement.dim == 0:  # not _StridedShard (FSDP2 + TP)
+            shard_dims.append(dim)
+        elif not isinstance(placement, Replicate):
+            raise NotImplementedError(
+                f"{what} is a DTensor with placements {t.placements}; the off-principal projection supports row "
+                "sharding (Shard(0), as FSDP2 uses) and replication only. For tensor parallelism use the adapter form "
+                "(offprincipal.OffPrincipalConfig)."
+            )
+    if len(shard_dims) > 1:
+        raise NotImplementedError(f"{what} is sharded by rows on several mesh dimensions {t.placements}; not supported")
+    local = t.to_local()
+    if not shard_dims:
+        return RowShard(local, 0, t.shape[0], None)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    group = t.device_mesh.get_group(shard_dims[0])
+
+    def all_reduce(x: torch.Tensor) -> None:
+        torch.distributed.all_reduce(x, group=group)
+
+    return RowShard(local, offset[0], offset[0] + shape[0], all_reduce)

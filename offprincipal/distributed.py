@@ -1,0 +1,96 @@
+"""Distributed plumbing of the off-principal optimizers.
+
+- Bases are computed where the real weights are: with several ranks, rank 0 computes them (from the full
+  weight, gathered from DTensor shards) and broadcasts U and V; other ranks may hold placeholder weights
+  (memory-efficient loading leaves zeros there).
+- FSDP2 (DTensor ``Shard(0)``) steps shard-locally: see :func:`offprincipal.projection.row_shard`.
+- DeepSpeed ZeRO flattens parameters into 1-D partitions, which an update-projecting optimizer cannot see as
+  matrices: :func:`check_not_flattened` refuses it and points to the adapter form.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .subspace import Subspace
+
+DEEPSPEED_MESSAGE = (
+    "{owner} cannot run under DeepSpeed ZeRO: ZeRO flattens and partitions the parameters into 1-D buffers, so the "
+    "optimizer no longer sees the (out, in) matrix of {name!r} that the off-principal projection needs. Use the "
+    "adapter form instead (peft_config=offprincipal.OffPrincipalConfig(...)): it projects inside the forward pass and "
+    "works under any sharding. For full-parameter training use FSDP2 (fully_shard) or DDP."
+)
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank exists."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def full_weight(p: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of ``p``: gathered from its shards for a DTensor (a collective), else ``p`` detached."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()
+
+
+def local_device(p: torch.Tensor) -> torch.device:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local().device if isinstance(p, DTensor) else p.device
+
+
+def broadcast_bases(
+    names_shapes_ks: Mapping[str, tuple[tuple[int, int], int]],
+    compute: Callable[[str], Optional[tuple[torch.Tensor, torch.Tensor]]],
+    device_of: Callable[[str], torch.device],
+    src: int = 0,
+    progress: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """U (m, k) and V (n, k) for every name, computed on rank ``src`` and broadcast to all ranks.
+
+    ``compute(name)`` runs on every rank, in the same order (it may contain collectives such as gathering a
+    DTensor); only rank ``src``'s result is used, other ranks may return ``None``.
+    """
+    rank = dist.get_rank()
+    out = {}
+    for name, ((m, n), k) in tqdm(
+        names_shapes_ks.items(), desc="principal subspaces (rank 0)", unit="weight", disable=not progress or rank != src
+    ):
+        result = compute(name)
+        device = device_of(name)
+        if rank == src:
+            U, V = (t.to(device=device, dtype=torch.float32).contiguous() for t in result)
+        else:
+            U = torch.empty(m, k, device=device, dtype=torch.float32)
+            V = torch.empty(n, k, device=device, dtype=torch.float32)
+        dist.broadcast(U, src)
+        dist.broadcast(V, src)
+        out[name] = (U, V)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (pickled through the default group)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def flattened_error(owner: str, name: str) -> RuntimeError:
+    """The error for parameters that DeepSpeed ZeRO (or anything else) flattened: it points to the adapter form."""
+    return RuntimeError(DEEPSPEED_MESSAGE.format(owner=owner, name=name))
+
+
+def check_not_flattened(owner: str, name: str, p: torch.Tensor, expected_shape: Optional[tuple] = None) -> None:
+    """Raise :func:`flattened_error` when ``p`` is a ZeRO parameter or no longer has its matrix shape."""
+    if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or (expected_shape is not None and tuple(p.shape) != expected_shape):
+        raise flattened_error(owner, name)
+
+
+def subspace_bases(subs: Mapping[str, Subspace]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (s.U, s.V) for name, s in subs.items()}

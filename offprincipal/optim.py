@@ -1,0 +1,651 @@
+"""Off-principal optimizers for full-parameter training.
+
+Every update of a projected weight W (m×n, a 2-D parameter with top-k bases U (m×k), V (n×k) of its value at
+construction) is kept off W's principal subspace:
+
+    W ← W − P(Δ),   P(Δ) = (I − UUᵀ) Δ (I − VVᵀ)   (sides="both"; "left"/"right" keep one factor)
+
+The *update* Δ is projected, not the gradient: Adam's elementwise scaling would move a projected gradient back
+into the principal subspace.
+
+- :class:`OffPrincipalAdamW`: torch AdamW's arithmetic with Δ = lr·(m̂/(√v̂+ε) + wd·W), the whole AdamW update
+  including the decoupled weight decay. Parameters that are not projected (not 2-D, not floating point, excluded
+  by name — embeddings and the LM head by default, see :data:`DEFAULT_EXCLUDE`) step exactly as
+  ``torch.optim.AdamW`` (its own functional code is called for them).
+- :class:`OffPrincipalOptimizer`: wraps any torch optimizer; Δ = W_before − W_after of the base step.
+- :func:`adamw_update_`: the one projected-AdamW update function (torch reference and Triton dispatch).
+
+State dicts keep torch's layout (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) plus one
+top-level ``"offprincipal"`` entry of plain metadata (sides, and per projected weight the fingerprint of the
+weight the bases came from, k and the SVD method). Loading it into an optimizer constructed from *trained*
+weights fetches the original bases from the subspace cache, so a resumed run follows the same trajectory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .distributed import (
+    broadcast_bases,
+    broadcast_object,
+    check_not_flattened,
+    flattened_error,
+    full_weight,
+    is_distributed,
+    local_device,
+)
+from .projection import check_sides, project_, resolve_backend, row_shard
+from .subspace import (
+    DEFAULT_NITER,
+    DEFAULT_OVERSAMPLE,
+    DEFAULT_SEED,
+    Subspace,
+    SubspaceCache,
+    TopK,
+    _method_tag,
+    compute_subspaces,
+    default_cache_dir,
+    fingerprint,
+    resolve_top_k,
+)
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("embed", "lm_head", "wte", "wpe")
+"""Regexes searched in parameter names; matches step as plain AdamW. Covers ``embed_tokens``, ``embed_positions``,
+``word_embeddings``, ``embed_in/out``, GPT-2's ``wte``/``wpe`` and ``lm_head`` (tied heads appear once, under
+the embedding's name)."""
+
+BasesInput = Mapping[str, Union[Subspace, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the update function
+
+
+def adam_scalars(step: float, lr: float, beta1: float, beta2: float, weight_decay: float) -> tuple[float, float, float]:
+    """Host-side AdamW constants for 1-based ``step``, in torch AdamW's arithmetic (Python floats):
+    ``step_size = lr / (1 − β1ᵗ)``, ``bc2_sqrt = (1 − β2ᵗ)^½``, ``lr_wd = lr · weight_decay``."""
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, lr * weight_decay
+
+
+def adamw_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: float,
+    U: Optional[torch.Tensor],
+    V: Optional[torch.Tensor],
+    sides: Optional[str] = "both",
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    all_reduce=None,
+    backend: str = "auto",
+) -> None:
+    """One projected AdamW step on a 2-D parameter (m, n), in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
+
+    With g = grad (−grad if ``maximize``) and t = ``step`` (already incremented, 1-based)::
+
+        m ← lerp(m, g, 1 − β1);  v ← β2·v + (1 − β2)·g²                      (stored in their dtypes)
+        D = (lr/(1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε) + lr·wd·W             (from the stored m, v)
+        W ← W − P(D)
+
+    Math in fp32 (bf16/fp16 storage is read into fp32 and rounded once at the store). ``sides=None`` applies D
+    unprojected (used to check the arithmetic against torch AdamW). ``all_reduce``: the tensors are row shards
+    and U holds the matching rows (see :func:`offprincipal.projection.project_`). ``backend``: "auto" runs the
+    fused Triton step for CUDA tensors, the torch code below otherwise.
+    """
+    step_size, bc2_sqrt, lr_wd = adam_scalars(step, lr, beta1, beta2, weight_decay)
+    if sides is not None and resolve_backend(backend, param, "param") == "triton":
+        from offprincipal import kernels
+
+        kernels.projected_adamw_step_(
+            param, grad, exp_avg, exp_avg_sq, U, V, sides, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size,
+            bc2_sqrt=bc2_sqrt, lr_wd=lr_wd, maximize=maximize, all_reduce=all_reduce,
+        )
+        return
+    with torch.no_grad():
+        g = grad.float()
+        if maximize:
+            g = -g
+        m, v = exp_avg.float(), exp_avg_sq.float()  # the tensors themselves when fp32
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if m is not exp_avg:
+            exp_avg.copy_(m)
+            exp_avg_sq.copy_(v)
+        denom = exp_avg_sq.float().sqrt().div_(bc2_sqrt).add_(eps)
+        D = exp_avg.float().mul(step_size).div_(denom)
+        if lr_wd != 0:
+            D.add_(param.float(), alpha=lr_wd)
+        if sides is not None:
+            project_(D, U, V, sides, backend="torch", all_reduce=all_reduce)
+        param.sub_(D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bases of the projected weights
+
+
+@dataclass
+class _Basis:
+    U: torch.Tensor  # (m, k) fp32, all rows
+    V: torch.Tensor  # (n, k) fp32
+    meta: dict  # fingerprint ("" if given by the user), k, method, shape
+
+
+class PrincipalBases:
+    """The bases of the weights an optimizer projects, by parameter name (never by parameter object: wrappers
+    such as accelerate swap the objects after construction), with their local row slices for sharded params."""
+
+    def __init__(self, owner: str, entries: dict[str, _Basis], cache_dir, progress: bool):
+        self.owner = owner
+        self.entries = entries
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self._local: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+    @staticmethod
+    def eligible(name: str, p: torch.Tensor, exclude: Sequence[str]) -> bool:
+        return p.ndim == 2 and p.is_floating_point() and not any(re.search(pat, name) for pat in exclude)
+
+    @classmethod
+    def build(
+        cls,
+        owner: str,
+        named: Mapping[str, torch.Tensor],
+        *,
+        top_k: TopK,
+        top_k_pattern: Optional[Mapping[str, TopK]],
+        exclude: Sequence[str],
+        subspaces: Optional[BasesInput],
+        svd_method: str,
+        cache_dir,
+        progress: bool,
+    ) -> "PrincipalBases":
+        for name, p in named.items():
+            check_not_flattened(owner, name, p)
+        tag = _method_tag(svd_method, DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
+        if subspaces is not None:
+            return cls(owner, cls._given(owner, named, subspaces, tag), cache_dir, progress)
+        chosen = {name: p for name, p in named.items() if cls.eligible(name, p, exclude)}
+        ks = {name: resolve_top_k(top_k, tuple(p.shape), name, top_k_pattern) for name, p in chosen.items()}
+        if is_distributed():
+            fps: dict[str, str] = {}
+
+            def compute(name):
+                W = full_weight(chosen[name])  # collective for DTensors: every rank calls it
+                if torch.distributed.get_rank() != 0:
+                    return None
+                fps[name] = fingerprint(W)
+                sub = compute_subspaces({name: W}, ks[name], method=svd_method, cache_dir=cache_dir, progress=False)
+                return sub[name].U, sub[name].V
+
+            uv = broadcast_bases(
+                {name: (tuple(p.shape), ks[name]) for name, p in chosen.items()}, compute,
+                lambda name: local_device(chosen[name]), progress=progress,
+            )
+            fps = broadcast_object(fps)
+        else:
+            weights = {name: full_weight(p) for name, p in chosen.items()}
+            subs = compute_subspaces(
+                weights, top_k, top_k_pattern=top_k_pattern, method=svd_method, cache_dir=cache_dir, progress=progress
+            )
+            uv = {name: (s.U, s.V) for name, s in subs.items()}
+            fps = {name: fingerprint(w) for name, w in weights.items()}
+        entries = {
+            name: _Basis(U, V, dict(fingerprint=fps[name], k=ks[name], method=tag, shape=list(chosen[name].shape)))
+            for name, (U, V) in uv.items()
+        }
+        return cls(owner, entries, cache_dir, progress)
+
+    @staticmethod
+    def _given(owner: str, named: Mapping[str, torch.Tensor], subspaces: BasesInput, tag: str) -> dict[str, _Basis]:
+        unknown = sorted(set(subspaces) - set(named))
+        if unknown:
+            raise ValueError(f"{owner}: subspaces were given for {unknown}, which are not among the optimizer's parameters")
+        entries = {}
+        for name, sub in subspaces.items():
+            U, V = (sub.U, sub.V) if isinstance(sub, Subspace) else sub
+            shape = tuple(named[name].shape)
+            if len(shape) != 2 or U.shape[0] != shape[0] or V.shape[0] != shape[1] or U.shape[1] != V.shape[1]:
+                raise ValueError(
+                    f"{owner}: the bases given for {name!r} have shapes U {tuple(U.shape)}, V {tuple(V.shape)}; a weight "
+                    f"of shape {shape} needs U ({shape[0] if shape else '?'}, k) and V ({shape[-1] if shape else '?'}, k)"
+                )
+            device = local_device(named[name])
+            entries[name] = _Basis(
+                U.to(device, torch.float32).contiguous(), V.to(device, torch.float32).contiguous(),
+                dict(fingerprint="", k=int(U.shape[1]), method=tag, shape=list(shape)),
+            )
+        return entries
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return tuple(self.entries[name].meta["shape"])
+
+    def local(self, name: str, p: torch.Tensor):
+        """(row shard of ``p``, U rows of that shard, V) for the projected parameter ``p`` called ``name``."""
+        check_not_flattened(self.owner, name, p, self.shape(name))
+        shard = row_shard(p, name)
+        basis = self.entries[name]
+        cached = self._local.get(name)
+        if cached is None or cached[:2] != (shard.start, shard.stop) or cached[2].device != shard.local.device:
+            U = basis.U.to(shard.local.device)[shard.start : shard.stop].contiguous()
+            cached = self._local[name] = (shard.start, shard.stop, U)
+        return shard, cached[2], basis.V.to(shard.local.device)
+
+    def metadata(self) -> dict:
+        return {name: dict(b.meta) for name, b in self.entries.items()}
+
+    def reconcile(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+        """Adopt the bases a saved state was trained with (looked up in the cache by fingerprint) where they
+        differ from the ones computed at construction, e.g. when resuming from trained weights."""
+        ours, theirs = set(self.entries), set(saved)
+        if ours != theirs:
+            raise ValueError(
+                f"{self.owner}: the saved state projects a different set of weights (only in the saved state: "
+                f"{sorted(theirs - ours)}; only here: {sorted(ours - theirs)}). Construct the optimizer with the same "
+                "top_k, top_k_pattern and exclude as the run that saved it."
+            )
+        stale = {  # bases given by the user (no fingerprint) are trusted as they are
+            name: info for name, info in saved.items()
+            if info.get("fingerprint") and self.entries[name].meta["fingerprint"]
+            and (info["fingerprint"], info["k"], info["method"])
+            != tuple(self.entries[name].meta[key] for key in ("fingerprint", "k", "method"))
+        }
+        if not stale:
+            return
+        cache = None if self.cache_dir is False else SubspaceCache(
+            default_cache_dir() if self.cache_dir in (None, True) else self.cache_dir
+        )
+        missing: list[str] = []
+
+        def compute(name):
+            info = stale[name]
+            if is_distributed() and torch.distributed.get_rank() != 0:
+                return None
+            hit = None if cache is None else cache.load(info["fingerprint"], tuple(info["shape"]), info["k"], info["method"], "cpu")
+            if hit is None:
+                missing.append(name)
+                return torch.zeros(info["shape"][0], info["k"]), torch.zeros(info["shape"][1], info["k"])
+            return hit.U, hit.V
+
+        shapes = {name: (tuple(info["shape"]), info["k"]) for name, info in stale.items()}
+        device_of = lambda name: self.entries[name].U.device  # noqa: E731
+        if is_distributed():
+            uv = broadcast_bases(shapes, compute, device_of, progress=False)
+            missing = broadcast_object(missing)
+        else:
+            uv = {name: tuple(t.to(device_of(name)) for t in compute(name)) for name in stale}
+        if missing:
+            where = "the subspace cache is disabled (cache_dir=False)" if cache is None else f"not in the cache {cache.directory}"
+            raise RuntimeError(
+                f"{self.owner}: the saved state was trained with the principal bases of the original weights of "
+                f"{sorted(missing)[:5]}{' …' if len(missing) > 5 else ''}, which differ from the current weights, and "
+                f"those bases are {where}. Construct the optimizer with subspaces=compute_subspaces(<the pretrained "
+                "weights>, top_k) or with the cache_dir of the original run, then load the state."
+            )
+        for name, (U, V) in uv.items():
+            self.entries[name] = _Basis(U.float().contiguous(), V.float().contiguous(), dict(stale[name]))
+            self._local.pop(name, None)
+
+
+def _bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress) -> dict:
+    return dict(top_k=top_k, top_k_pattern=top_k_pattern, exclude=tuple(exclude), subspaces=subspaces,
+                svd_method=svd_method, cache_dir=cache_dir, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OffPrincipalAdamW
+
+
+class OffPrincipalAdamW(torch.optim.AdamW):
+    r"""AdamW whose whole update of each projected 2-D weight stays off the weight's top-k singular subspace.
+
+    Constructed like ``torch.optim.AdamW`` but from *named* parameters — ``model.named_parameters()``, or param
+    groups whose ``"params"`` are ``(name, tensor)`` pairs — because bases are found again by name.
+
+    Args (beyond AdamW's ``lr, betas, eps, weight_decay, maximize, foreach, fused``; ``amsgrad`` is refused):
+        top_k, top_k_pattern: k per weight (int, or float fraction of min(m, n); regex overrides), see
+            :func:`offprincipal.subspace.resolve_top_k`.
+        sides: ``"both"`` (default), ``"left"`` or ``"right"`` — in the parameter's stored (out, in) layout.
+        exclude: regexes of parameter names that step as plain AdamW (default :data:`DEFAULT_EXCLUDE`).
+        subspaces: precomputed bases ``{name: Subspace or (U, V)}``; exactly these weights are projected.
+            Otherwise bases are computed from the parameters' current values (the pretrained weights) with the
+            subspace bank (``svd_method``, ``cache_dir``); with several ranks, on rank 0 and broadcast.
+        master_weights: keep an fp32 copy (``state["master_param"]``) and fp32 moments for every bf16/fp16
+            parameter; the step runs on the copy, which stays exactly off-principal, and the stored parameter is
+            its rounding. Without it, the rounding of the bf16/fp16 parameter at each step leaks into the
+            principal subspace (see the README for measured figures).
+        backend: ``"auto"`` (fused Triton step for CUDA params, torch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Projected params cost two fused passes per step on CUDA (≈36 bytes/param without weight decay, 40 with,
+    against fused AdamW's 28). Under FSDP2 (DTensor ``Shard(0)``) the step is shard-local plus one all-reduce of
+    a k×n matrix per projected weight (left side). DeepSpeed ZeRO is refused (use the adapter form).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        top_k: TopK = 32,
+        top_k_pattern: Optional[Mapping[str, TopK]] = None,
+        sides: str = "both",
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        subspaces: Optional[BasesInput] = None,
+        svd_method: str = "exact",
+        cache_dir=None,
+        master_weights: bool = False,
+        backend: str = "auto",
+        progress: bool = True,
+    ):
+        if amsgrad:
+            raise ValueError("OffPrincipalAdamW does not implement amsgrad; use amsgrad=False")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                         foreach=foreach, fused=fused)
+        named = _named_params(self.param_groups, "OffPrincipalAdamW")
+        self.sides = check_sides(sides)
+        resolve_backend(backend, torch.empty(0))  # validates the name
+        self.backend = backend
+        self.master_weights = master_weights
+        self.bases = PrincipalBases.build(
+            "OffPrincipalAdamW", named,
+            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress),
+        )
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """torch AdamW's lazy state (same keys, dtypes and devices), plus the fp32 master copy when enabled."""
+        state = self.state[p]
+        if not state:
+            state["step"] = (
+                torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
+                if group["fused"] else torch.tensor(0.0, dtype=_get_scalar_dtype())
+            )
+            target = p
+            if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
+                target = state["master_param"] = p.detach().to(torch.float32, copy=True)
+            state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step over every parameter with a gradient (parameters whose ``grad`` is None are skipped)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if names is None or len(names) != len(group["params"]):
+                raise flattened_error("OffPrincipalAdamW", "a param group's parameters")
+            plain: tuple[list, ...] = ([], [], [], [], [])
+            projected = []
+            mastered = []
+            for p, name in zip(group["params"], names):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"OffPrincipalAdamW does not support sparse gradients ({name!r})")
+                state = self._init_state(p, group)
+                target = state.get("master_param", p)
+                grad = p.grad if p.grad.dtype == target.dtype else p.grad.to(target.dtype)
+                if "master_param" in state:
+                    mastered.append((p, target))
+                if name in self.bases:
+                    projected.append((name, target, grad, state))
+                else:
+                    for lst, t in zip(plain, (target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                        lst.append(t)
+            beta1, beta2 = group["betas"]
+            if plain[0]:
+                _torch_adam(
+                    *plain[:4], [], plain[4], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                    foreach=group["foreach"], fused=group["fused"], capturable=False, differentiable=False,
+                    has_complex=any(torch.is_complex(t) for t in plain[0]), decoupled_weight_decay=True,
+                )
+            for name, target, grad, state in projected:
+                state["step"] += 1
+                shard, U, V = self.bases.local(name, target)
+                adamw_update_(
+                    shard.local, _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                    float(state["step"]), U, V, self.sides, lr=float(group["lr"]), beta1=float(beta1),
+                    beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                    maximize=group["maximize"], all_reduce=shard.all_reduce, backend=self.backend,
+                )
+            for p, master in mastered:
+                p.copy_(master)
+        return loss
+
+    def state_dict(self) -> dict:
+        """torch AdamW's state dict plus ``"offprincipal"``: plain metadata (no tensors) naming the bases."""
+        sd = super().state_dict()
+        sd["offprincipal"] = {"sides": self.sides, "bases": self.bases.metadata()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by this class (or a plain AdamW state, whose bases are then not checked).
+
+        fp32 master copies and moments of bf16/fp16 params stay fp32 (torch would cast them to the param dtype).
+        """
+        meta = state_dict.get("offprincipal")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "offprincipal"})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            if "master_param" in saved:
+                p = params[index]
+                for key in ("master_param", "exp_avg", "exp_avg_sq"):
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+        if meta is not None:
+            if meta.get("sides", self.sides) != self.sides:
+                raise ValueError(f"the saved state used sides={meta['sides']!r}, this optimizer sides={self.sides!r}")
+            self.bases.reconcile(meta["bases"])
+
+
+def _named_params(param_groups: list[dict], owner: str) -> dict[str, torch.Tensor]:
+    named: dict[str, torch.Tensor] = {}
+    for group in param_groups:
+        if "param_names" not in group:
+            raise ValueError(
+                f"{owner} needs parameter names to find each weight's bases: pass model.named_parameters(), or param "
+                "groups whose 'params' are (name, parameter) pairs"
+            )
+        named.update(zip(group["param_names"], group["params"]))
+    return named
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OffPrincipalOptimizer: any base optimizer
+
+
+class OffPrincipalOptimizer(torch.optim.Optimizer):
+    """Makes the update of any torch optimizer exact off-principal: after the base step,
+    ``W ← W_before − P(W_before − W_after)`` for every projected weight.
+
+    It installs a step pre-hook (snapshot of the projected weights) and post-hook (projection) on
+    ``base_optimizer``, so the projection happens whoever calls ``base_optimizer.step()`` (a Trainer, accelerate,
+    an LR scheduler's wrapper); this object also behaves as the optimizer itself (``step``, ``zero_grad``,
+    ``param_groups``, ``state_dict`` … delegate to the base). :meth:`remove` detaches the hooks.
+
+    Memory: the snapshot holds one copy of every projected weight that has a gradient, in its dtype, during
+    the step (1× those weights: e.g. 2 bytes/param for bf16), plus one fp32 matrix at a time for Δ. Parameters
+    whose ``grad`` is None are assumed unchanged by the base step (true for torch's optimizers).
+    For bf16/fp16 weights the base optimizer has already rounded W_after; Δ is exact in fp32 and the result is
+    rounded once more, so the stored weights leak by their rounding, as in :class:`OffPrincipalAdamW`.
+
+    Names: taken from ``named_parameters`` (matched by identity at construction), else from the base optimizer's
+    ``param_names`` (when it was built from named parameters).
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        named_parameters: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
+        *,
+        top_k: TopK = 32,
+        top_k_pattern: Optional[Mapping[str, TopK]] = None,
+        sides: str = "both",
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        subspaces: Optional[BasesInput] = None,
+        svd_method: str = "exact",
+        cache_dir=None,
+        backend: str = "auto",
+        progress: bool = True,
+    ):
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"OffPrincipalOptimizer wraps a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        self.optimizer = base_optimizer
+        self.sides = check_sides(sides)
+        resolve_backend(backend, torch.empty(0))
+        self.backend = backend
+        self._positions = self._names_by_position(base_optimizer, named_parameters)
+        named = {name: base_optimizer.param_groups[g]["params"][i] for (g, i), name in self._positions.items()}
+        self.bases = PrincipalBases.build(
+            "OffPrincipalOptimizer", named,
+            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress),
+        )
+        self._before: dict[tuple[int, int], torch.Tensor] = {}
+        self._handles = [
+            base_optimizer.register_step_pre_hook(self._snapshot),
+            base_optimizer.register_step_post_hook(self._project),
+        ]
+
+    @staticmethod
+    def _names_by_position(base, named_parameters) -> dict[tuple[int, int], str]:
+        if named_parameters is not None:
+            by_id = {id(p): name for name, p in named_parameters}
+            return {
+                (g, i): by_id[id(p)]
+                for g, group in enumerate(base.param_groups) for i, p in enumerate(group["params"]) if id(p) in by_id
+            }
+        if all("param_names" in group for group in base.param_groups):
+            return {(g, i): name for g, group in enumerate(base.param_groups) for i, name in enumerate(group["param_names"])}
+        raise ValueError(
+            "OffPrincipalOptimizer needs the parameter names: pass named_parameters=model.named_parameters(), or "
+            "build the base optimizer from model.named_parameters()"
+        )
+
+    def _projected(self):
+        for (g, i), name in self._positions.items():
+            if name in self.bases:
+                params = self.optimizer.param_groups[g]["params"]
+                if i >= len(params):
+                    raise flattened_error("OffPrincipalOptimizer", name)
+                yield (g, i), name, params[i]
+
+    @torch.no_grad()
+    def _snapshot(self, optimizer, args, kwargs) -> None:
+        self._before = {
+            pos: self.bases.local(name, p)[0].local.clone() for pos, name, p in self._projected() if p.grad is not None
+        }
+
+    @torch.no_grad()
+    def _project(self, optimizer, args, kwargs) -> None:
+        before, self._before = self._before, {}
+        for pos, name, p in self._projected():
+            if pos not in before:
+                continue
+            shard, U, V = self.bases.local(name, p)
+            old = before.pop(pos).float()
+            delta = old - shard.local.float()
+            project_(delta, U, V, self.sides, backend=self.backend, all_reduce=shard.all_reduce)
+            shard.local.copy_(old.sub_(delta))
+
+    def remove(self) -> None:
+        """Detach the hooks: the base optimizer steps unprojected again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # delegation to the base optimizer
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Delegates; parameters added later are not projected."""
+        self.optimizer.add_param_group(param_group)
+
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus the ``"offprincipal"`` metadata entry."""
+        sd = self.optimizer.state_dict()
+        sd["offprincipal"] = {"sides": self.sides, "bases": self.bases.metadata()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        meta = state_dict.get("offprincipal")
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "offprincipal"})
+        if meta is not None:
+            self.bases.reconcile(meta["bases"])
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"OffPrincipalOptimizer(sides={self.sides!r}, projected={len(self.bases)}, base={self.optimizer!r})"
