@@ -1,0 +1,185 @@
+"""Triton kernels against their torch references (offprincipal.projection.project, offprincipal.optim.adamw_update_).
+
+On a machine with a CUDA GPU the kernels run compiled on CUDA tensors. Without one, this module re-runs itself
+in a child process with TRITON_INTERPRET=1 (the interpreter must be on before ``offprincipal.kernels`` is first
+imported, and must not leak into the other tests), on small shapes with one pinned tile config.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if not ON_GPU and not INTERPRETED:
+
+    def test_kernels_under_the_triton_interpreter():
+        """Runs every test of this file in a child pytest under TRITON_INTERPRET=1 (see the module docstring)."""
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", __file__],
+            env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=900,
+        )
+        assert result.returncode == 0, f"kernel tests failed under the interpreter:\n{result.stdout[-8000:]}\n{result.stderr[-2000:]}"
+
+else:
+    from offprincipal import kernels
+    from offprincipal.optim import adamw_update_
+    from offprincipal.projection import principal_leak, project, project_
+
+    DEVICE = "cuda" if ON_GPU else "cpu"
+    DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+    SIDES = ["both", "left", "right"]
+    # (m, n, k): odd sizes (not multiples of the block), k = 1, k close to min(m, n), tall and wide
+    CASES = [(37, 53, 1), (37, 53, 36), (53, 37, 5), (130, 20, 19), (20, 130, 1), (97, 75, 40)]
+    if ON_GPU:
+        CASES += [(300, 517, 64), (1031, 257, 256), (4096 + 3, 130, 16)]
+    # elementwise error allowed, as a fraction of the largest reference value: storage rounding of the dtype
+    TOL = {torch.float32: 4e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+    def case_id(case):
+        m, n, k = case
+        return f"{m}x{n}-k{k}"
+
+    def bases(m, n, k, gen):
+        U = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64)).Q.float()
+        V = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q.float()
+        return U.to(DEVICE), V.to(DEVICE)
+
+    @pytest.fixture(autouse=True)
+    def _one_thread():
+        """Small matrices: one torch thread is fastest under the interpreter and kind to a shared CPU."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+
+    def assert_within(actual, expected, bound, what):
+        """Elementwise |actual − expected| ≤ bound (a tensor or number); the message names the worst index."""
+        actual, expected = actual.double().cpu(), expected.double().cpu()
+        bound = torch.as_tensor(bound, dtype=torch.float64).cpu().expand_as(expected)
+        excess = (actual - expected).abs() - bound
+        worst = int(excess.argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), expected.shape))
+        assert excess.flatten()[worst] <= 0, (
+            f"{what}: differs by {(actual - expected).abs().flatten()[worst]:.3g} at index {index} "
+            f"(allowed {bound.flatten()[worst]:.3g}; expected {expected.flatten()[worst]:.6g}, got {actual.flatten()[worst]:.6g})"
+        )
+
+    def assert_close(actual, expected, dtype, what):
+        """Computed values: |actual − expected| ≤ TOL[dtype]·max|expected| elementwise."""
+        assert_within(actual, expected, TOL[dtype] * expected.double().abs().max().item(), what)
+
+    def assert_stored_close(actual, expected, dtype, roundings, what):
+        """Stored state after ``roundings`` steps: TOL of the scale plus one storage rounding per step either way."""
+        expected64 = expected.double()
+        bound = TOL[dtype] * expected64.abs().max() + roundings * torch.finfo(dtype).eps * expected64.abs()
+        assert_within(actual, expected, bound, what)
+
+    @pytest.mark.parametrize("sides", SIDES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("case", CASES, ids=case_id)
+    def test_project_matches_reference(case, dtype, sides):
+        m, n, k = case
+        gen = torch.Generator().manual_seed(m * 1000 + n + k)
+        U, V = bases(m, n, k, gen)
+        D = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+        expected = project(D.double(), U.double(), V.double(), sides)
+        out = D.clone()
+        assert project_(out, U, V, sides, backend="triton") is out
+        assert_close(out, expected, dtype, f"project_ {m}x{n} k={k} {dtype} sides={sides}")
+        if dtype == torch.float32:
+            left, right = principal_leak(out, U if sides != "right" else None, V if sides != "left" else None)
+            assert max(left, right) < 1e-5, f"leak {left:.1e}/{right:.1e} for {m}x{n} k={k} sides={sides}"
+
+    @pytest.mark.parametrize("sides", SIDES)
+    def test_project_non_contiguous_and_precisions(sides):
+        """A transposed view is projected in place through its strides; tf32x3 keeps ~fp32 accuracy."""
+        gen = torch.Generator().manual_seed(7)
+        U, V = bases(45, 70, 9, gen)
+        base = torch.randn(70, 45, generator=gen).to(DEVICE)
+        D = base.T  # (45, 70), strides (1, 45)
+        expected = project(D.double(), U.double(), V.double(), sides)
+        project_(D, U, V, sides, backend="triton")
+        assert_close(base.T, expected, torch.float32, f"project_ on a transposed view, sides={sides}")
+        for precision in ("tf32x3", "ieee"):
+            X = torch.randn(45, 70, generator=gen).to(DEVICE)
+            expected = project(X.double(), U.double(), V.double(), sides)
+            kernels.project_(X, U, V, sides, precision=precision)
+            assert_close(X, expected, torch.float32, f"precision={precision} sides={sides}")
+
+    def test_project_row_shards_with_all_reduce():
+        """Two row shards projected one after the other, with an all_reduce that adds the other shard's UᵀD:
+        each shard equals the matching rows of the full projection (what FSDP2 ranks compute)."""
+        gen = torch.Generator().manual_seed(3)
+        m, n, k = 41, 29, 6
+        U, V = bases(m, n, k, gen)
+        D = torch.randn(m, n, generator=gen).to(DEVICE)
+        expected = project(D.double(), U.double(), V.double(), "both")
+        split = 21
+        for rows, other in ((slice(0, split), slice(split, m)), (slice(split, m), slice(0, split))):
+            other_coeff = U[other].T @ D[other]
+            shard = D[rows].clone()
+            kernels.project_(shard, U[rows], V, "both", all_reduce=lambda C, extra=other_coeff: C.add_(extra))
+            assert_close(shard, expected[rows], torch.float32, f"row shard {rows}")
+        empty = torch.empty(0, n, device=DEVICE)
+        seen = []
+        kernels.project_(empty, U[:0], V, "left", all_reduce=seen.append)
+        assert len(seen) == 1 and seen[0].shape == (k, n), "a rank with no rows still joins the all-reduce"
+
+    @pytest.mark.parametrize("sides", SIDES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("case", CASES, ids=case_id)
+    def test_projected_adamw_step_matches_reference(case, dtype, sides):
+        m, n, k = case
+        gen = torch.Generator().manual_seed(m + 7 * n + k)
+        U, V = bases(m, n, k, gen)
+        weight_decay = 0.1 if (m + n + k) % 2 else 0.0  # both branches over the cases
+        maximize = case == CASES[0]
+        W = (0.02 * torch.randn(m, n, generator=gen)).to(DEVICE, dtype)  # weight-like scale: updates are visible
+        ref = [W.clone(), torch.zeros_like(W), torch.zeros_like(W)]
+        ours = [W.clone(), torch.zeros_like(W), torch.zeros_like(W)]
+        hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, maximize=maximize)
+        steps = 3
+        for step in range(1, steps + 1):
+            grad = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+            adamw_update_(ref[0], grad, ref[1], ref[2], step, U, V, sides, backend="torch", **hyper)
+            adamw_update_(ours[0], grad, ours[1], ours[2], step, U, V, sides, backend="triton", **hyper)
+        what = f"adamw {m}x{n} k={k} {dtype} sides={sides} wd={weight_decay} maximize={maximize}"
+        for name, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), ours, ref):
+            assert_stored_close(a, b, dtype, steps, f"{what}: {name}")
+        if dtype == torch.float32:
+            left, right = principal_leak(ours[0] - W, U if sides != "right" else None, V if sides != "left" else None)
+            assert max(left, right) < 1e-5, f"{what}: leak {left:.1e}/{right:.1e}"
+
+    def test_adamw_step_mixed_dtypes_master_weights():
+        """fp32 master weight and moments with a bf16 gradient, as OffPrincipalAdamW(master_weights=True) runs it."""
+        gen = torch.Generator().manual_seed(11)
+        U, V = bases(33, 47, 4, gen)
+        W = (0.02 * torch.randn(33, 47, generator=gen)).to(DEVICE)
+        runs = {}
+        for backend in ("torch", "triton"):
+            p, m, v = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
+            g = torch.randn(33, 47, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+            adamw_update_(p, g, m, v, 1, U, V, "both", lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                          weight_decay=0.01, backend=backend)
+            runs[backend] = p
+        assert_stored_close(runs["triton"], runs["torch"], torch.float32, 1, "fp32 master with bf16 grad")
+
+    def test_kernel_input_errors_name_the_problem():
+        U = torch.linalg.qr(torch.randn(8, 2)).Q.to(DEVICE)
+        with pytest.raises(ValueError, match=r"needs V of shape \(6, k\)"):
+            kernels.project_(torch.randn(8, 6, device=DEVICE), U, None, "both")
+        with pytest.raises(ValueError, match="same number k"):
+            kernels.project_(torch.randn(8, 6, device=DEVICE), U, torch.randn(6, 3, device=DEVICE), "both")
+        with pytest.raises(ValueError, match="precision"):
+            kernels.project_(torch.randn(8, 6, device=DEVICE), U, None, "left", precision="fp64")
