@@ -11,7 +11,10 @@ Two methods:
   gaps (σ_k/σ_{k+1} ≈ 1.001–1.013), where approximate methods pick a visibly different top-k subspace.
 - ``"randomized"``: Halko–Martinsson–Tropp range finder with ``oversample`` extra columns and ``niter``
   QR-stabilised power iterations, seeded so it is deterministic. Its quality figure is the captured energy
-  ``‖U_kᵀ W V_k‖_F² / Σ_{i≤k} σ_i²`` (:func:`captured_energy`); the defaults reach ≥ 0.999 on SmolLM2.
+  ``‖U_kᵀ W V_k‖_F² / Σ_{i≤k} σ_i²`` (:func:`captured_energy`). Measured on SmolLM2-135M-Instruct (14 of its
+  210 linear weights, k = 32; min / mean): niter 2, oversample 32: 0.918 / 0.963; niter 8, oversample 32:
+  0.9955 / 0.9989; niter 8, oversample 64: 0.9992 / 0.9999; niter 16, oversample 64 (the defaults):
+  0.99999 / 1.0000.
 
 Results are cached on disk (safetensors, one file per weight) under a key made of a fingerprint of the
 weight's bytes, k and the method with its settings. A cached file whose stored fingerprint, shape or k
@@ -37,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 SVD_METHODS = ("exact", "randomized")
 CACHE_FORMAT_VERSION = "1"
-DEFAULT_OVERSAMPLE = 32
-DEFAULT_NITER = 8
+DEFAULT_OVERSAMPLE = 64
+DEFAULT_NITER = 16
 DEFAULT_SEED = 0
 
 TopK = Union[int, float]

@@ -36,7 +36,8 @@ class OffPrincipalConfig(PeftConfig):
         sides: ``"both"`` (default), ``"left"`` or ``"right"``.
         init: ``"random"`` (LoRA-style: A Kaiming-uniform, B = 0) or ``"minor"`` (rows of A are the r right
             singular directions of smallest singular value outside the top-k, B = 0). Both start at ΔW = 0.
-        svd_method: ``"exact"`` (full fp32 SVD) or ``"randomized"`` (8 QR-stabilised power iterations).
+        svd_method: ``"exact"`` (full fp32 SVD) or ``"randomized"`` (64 extra columns, 16 QR-stabilised power
+            iterations).
         subspace_cache_dir: where the bases are cached (safetensors, keyed by a fingerprint of the weight);
             ``None``: ``$OFFPRINCIPAL_CACHE_DIR/subspaces`` or ``~/.cache/offprincipal/subspaces``. The bases are
             NOT saved with the adapter: on load they are found again in this cache (or recomputed from the base
