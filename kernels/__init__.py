@@ -9,15 +9,21 @@ before this package was first imported (:data:`INTERPRETED`). Callers normally g
 for CUDA tensors and to the torch reference otherwise.
 """
 
-try:
-    import triton  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the platform
-    raise ImportError(
-        "offprincipal.kernels needs Triton (Linux x86_64 with a CUDA GPU); the torch backend works without it"
-    ) from exc
+if __name__ != "offprincipal.kernels":
+    # This folder is installed as offprincipal.kernels. Imported as a top-level ``kernels`` (the repo root is on
+    # sys.path, e.g. ``python -m ...`` inside a checkout) it would shadow Hugging Face's ``kernels`` package, which
+    # transformers probes on import; so it poses as an empty namespace module and the probe reports "not installed".
+    __file__ = None
+else:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the platform
+        raise ImportError(
+            "offprincipal.kernels needs Triton (Linux x86_64 with a CUDA GPU); the torch backend works without it"
+        ) from exc
 
-from ._tiles import DEFAULT_PRECISION, INTERPRETED, PRECISIONS
-from .adamw import projected_adamw_step_
-from .project import project_
+    from ._tiles import DEFAULT_PRECISION, INTERPRETED, PRECISIONS
+    from .adamw import projected_adamw_step_
+    from .project import project_
 
-__all__ = ["DEFAULT_PRECISION", "INTERPRETED", "PRECISIONS", "project_", "projected_adamw_step_"]
+    __all__ = ["DEFAULT_PRECISION", "INTERPRETED", "PRECISIONS", "project_", "projected_adamw_step_"]
