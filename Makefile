@@ -1,11 +1,11 @@
-# Two entry points for a fresh clone (README): `make train` and `make test`.
+# Two entry points for a fresh clone (README): `make demo` and `make test`.
 # Both bootstrap .venv idempotently: the pinned lock is installed once (re-installed only when it changes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.offprincipal-installed
 
-.PHONY: train test demo bench clean-venv
+.PHONY: demo train test clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -r requirements-lock.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/offprincipal demo $(ARGS)
 
 train: $(STAMP)
 	$(VENV)/bin/offprincipal train $(ARGS)

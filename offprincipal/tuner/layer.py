@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from ..projection import project, uses_left, uses_right
+from ..projection import principal_leak, project, uses_left, uses_right
 from ..subspace import Subspace, minor_right_directions, weight_matrix
 
 
@@ -126,6 +126,13 @@ class OffPrincipalLayer(BaseTunerLayer):
         A, B = self.effective_factors(adapter_name)
         delta = (B.float() @ A.float()) * self.scaling[adapter_name]
         return delta.T if self._transposed else delta
+
+    def principal_leak(self, adapter_name: str) -> tuple[float, float]:
+        """(‖UᵀΔW‖/‖ΔW‖, ‖ΔW V‖/‖ΔW‖) in fp64 with ΔW in (out, in) orientation; 0.0 for an unprotected side."""
+        delta = self.get_delta_weight(adapter_name)
+        U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
+        V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
+        return principal_leak(delta.T if self._transposed else delta, U, V)
 
     @property
     def _transposed(self) -> bool:

@@ -17,6 +17,18 @@ from .config import OffPrincipalConfig
 from .layer import Linear, OffPrincipalLayer
 
 
+def max_principal_leak(model: nn.Module, adapter_name: str = "default") -> float:
+    """Worst relative leak of any OffPrincipal layer's ΔW into its principal subspace (both sides, fp64)."""
+    leaks = [
+        max(layer.principal_leak(adapter_name))
+        for layer in model.modules()
+        if isinstance(layer, OffPrincipalLayer) and adapter_name in layer.offprincipal_A
+    ]
+    if not leaks:
+        raise ValueError(f"no OffPrincipal layer carries adapter {adapter_name!r}")
+    return max(leaks)
+
+
 def _linear_base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
