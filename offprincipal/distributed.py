@@ -39,9 +39,19 @@ def full_weight(p: torch.Tensor) -> torch.Tensor:
 
 
 def local_device(p: torch.Tensor) -> torch.device:
+    """Where ``p``'s local data lives (a DTensor's local shard); bases for a ``meta`` param are kept on the
+    communication device until the first step moves them next to the real shard."""
     from torch.distributed.tensor import DTensor
 
-    return p.to_local().device if isinstance(p, DTensor) else p.device
+    device = p.to_local().device if isinstance(p, DTensor) else p.device
+    return comm_device() if device.type == "meta" else device
+
+
+def comm_device() -> torch.device:
+    """The device collectives of the default group need: the current CUDA device for NCCL, else CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_bases(
@@ -62,7 +72,7 @@ def broadcast_bases(
         names_shapes_ks.items(), desc="principal subspaces (rank 0)", unit="weight", disable=not progress or rank != src
     ):
         result = compute(name)
-        device = device_of(name)
+        device = comm_device()
         if rank == src:
             U, V = (t.to(device=device, dtype=torch.float32).contiguous() for t in result)
         else:
@@ -70,7 +80,7 @@ def broadcast_bases(
             V = torch.empty(n, k, device=device, dtype=torch.float32)
         dist.broadcast(U, src)
         dist.broadcast(V, src)
-        out[name] = (U, V)
+        out[name] = (U.to(device_of(name)), V.to(device_of(name)))
     return out
 
 

@@ -159,7 +159,7 @@ class PrincipalBases:
         self.entries = entries
         self.cache_dir = cache_dir
         self.progress = progress
-        self._local: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self._local: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def eligible(name: str, p: torch.Tensor, exclude: Sequence[str]) -> bool:
@@ -239,6 +239,14 @@ class PrincipalBases:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` of the projected weight ``name``: fp32, all rows, U (m, k), V (n, k)."""
+        basis = self.entries[name]
+        return basis.U, basis.V
+
+    def __iter__(self):
+        return iter(self.entries)
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -249,12 +257,13 @@ class PrincipalBases:
         """(row shard of ``p``, U rows of that shard, V) for the projected parameter ``p`` called ``name``."""
         check_not_flattened(self.owner, name, p, self.shape(name))
         shard = row_shard(p, name)
-        basis = self.entries[name]
+        key = (shard.start, shard.stop, shard.local.device)
         cached = self._local.get(name)
-        if cached is None or cached[:2] != (shard.start, shard.stop) or cached[2].device != shard.local.device:
+        if cached is None or cached[0] != key:
+            basis = self.entries[name]
             U = basis.U.to(shard.local.device)[shard.start : shard.stop].contiguous()
-            cached = self._local[name] = (shard.start, shard.stop, U)
-        return shard, cached[2], basis.V.to(shard.local.device)
+            cached = self._local[name] = (key, U, basis.V.to(shard.local.device))
+        return shard, cached[1], cached[2]
 
     def metadata(self) -> dict:
         return {name: dict(b.meta) for name, b in self.entries.items()}
