@@ -9,9 +9,9 @@ The *update* Δ is projected, not the gradient: Adam's elementwise scaling would
 into the principal subspace.
 
 - :class:`OffPrincipalAdamW`: torch AdamW's arithmetic with Δ = lr·(m̂/(√v̂+ε) + wd·W), the whole AdamW update
-  including the decoupled weight decay. Parameters that are not projected (not 2-D, not floating point, excluded
-  by name — embeddings and the LM head by default, see :data:`DEFAULT_EXCLUDE`) step exactly as
-  ``torch.optim.AdamW`` (its own functional code is called for them).
+  including the decoupled weight decay. Parameters that are not projected (not 2-D, not floating point, frozen
+  at construction, excluded by name — embeddings and the LM head by default, see :data:`DEFAULT_EXCLUDE`) step
+  exactly as ``torch.optim.AdamW`` (its own functional code is called for them).
 - :class:`OffPrincipalOptimizer`: wraps any torch optimizer; Δ = W_before − W_after of the base step.
 - :func:`adamw_update_`: the one projected-AdamW update function (torch reference and Triton dispatch).
 
@@ -163,7 +163,8 @@ class PrincipalBases:
 
     @staticmethod
     def eligible(name: str, p: torch.Tensor, exclude: Sequence[str]) -> bool:
-        return p.ndim == 2 and p.is_floating_point() and not any(re.search(pat, name) for pat in exclude)
+        return (p.ndim == 2 and p.is_floating_point() and p.requires_grad
+                and not any(re.search(pat, name) for pat in exclude))
 
     @classmethod
     def build(

@@ -158,10 +158,21 @@ def project_(
     ``backend`` (see :func:`resolve_backend`): the Triton path is two fused passes over D (one read to form
     UᵀD and DV, one read+write to apply them). ``all_reduce``: D and U are matching row shards of a matrix
     sharded by rows, and UᵀD is summed over the shards (every rank must call this, even with 0 rows).
+    A row-sharded DTensor D (FSDP2) with the full U is handled directly: its local rows are projected with the
+    matching rows of U and one all-reduce of UᵀD over the shard group (a collective: call it on every rank).
     """
     check_sides(sides)
     if D.ndim != 2:
         raise ValueError(f"project_ needs a 2-D tensor, got shape {tuple(D.shape)}")
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(D, DTensor):
+        if all_reduce is not None:
+            raise ValueError("project_ takes either a DTensor or an explicit all_reduce for a local shard, not both")
+        shard = row_shard(D, "D")
+        U_local = U[shard.start : shard.stop] if U is not None else None
+        project_(shard.local, U_local, V, sides, backend=backend, all_reduce=shard.all_reduce)
+        return D
     if resolve_backend(backend, D) == "triton":
         from offprincipal import kernels
 

@@ -135,6 +135,20 @@ def main() -> None:
             compare(f"FSDP2 OffPrincipalAdamW sides={sides}", model, ref_s)
         check_leak(f"FSDP2 sides={sides}", model, start, opt)
 
+    # project_ on a row-sharded DTensor equals the full projection (uneven shards: 33 rows)
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from offprincipal.projection import project, project_
+
+    gen = torch.Generator().manual_seed(9)
+    D_full = torch.randn(33, 16, generator=gen)
+    U = torch.linalg.qr(torch.randn(33, 4, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(16, 4, generator=gen)).Q
+    D = distribute_tensor(D_full, mesh, [Shard(0)])
+    project_(D, U, V, "both")
+    diff = (D.full_tensor() - project(D_full, U, V)).abs().max().item()
+    assert diff < TOL, f"rank {rank}: project_ on a DTensor differs by {diff:.1e}"
+
     # any base optimizer, sharded
     ref_sgd, model = build(), build()
     fully_shard(model.fc1, mesh=mesh)

@@ -84,6 +84,11 @@ def test_default_selection_projects_only_matrices_outside_embeddings_and_head():
     opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, **adamw())
     assert set(opt.bases.entries) == set(PROJECTED)
     assert DEFAULT_EXCLUDE == ("embed", "lm_head", "wte", "wpe")
+    model.down.weight.requires_grad_(False)  # frozen weights need no bases
+    opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, **adamw())
+    assert set(opt.bases) == {"up.weight"}
+    U, V = opt.bases["up.weight"]
+    assert U.shape == (40, 4) and V.shape == (24, 4) and U.dtype == V.dtype == torch.float32
 
 
 def test_unprojected_params_step_bitwise_like_torch_adamw():
