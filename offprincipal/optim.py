@@ -40,7 +40,7 @@ from .distributed import (
     is_distributed,
     local_device,
 )
-from .projection import check_sides, project_, resolve_backend, row_shard
+from .projection import check_backend, check_sides, project_, resolve_backend, row_shard
 from .subspace import (
     DEFAULT_NITER,
     DEFAULT_OVERSAMPLE,
@@ -129,6 +129,7 @@ def adamw_update_(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if m is not exp_avg:
             exp_avg.copy_(m)
+        if v is not exp_avg_sq:
             exp_avg_sq.copy_(v)
         denom = exp_avg_sq.float().sqrt().div_(bc2_sqrt).add_(eps)
         D = exp_avg.float().mul(step_size).div_(denom)
@@ -348,7 +349,8 @@ class OffPrincipalAdamW(torch.optim.AdamW):
         master_weights: keep an fp32 copy (``state["master_param"]``) and fp32 moments for every bf16/fp16
             parameter; the step runs on the copy, which stays exactly off-principal, and the stored parameter is
             its rounding. Without it, the rounding of the bf16/fp16 parameter at each step leaks into the
-            principal subspace (see the README for measured figures).
+            principal subspace: on a 576×1536 bf16 weight after 200 steps at lr 1e-5 the stored ΔW leaks 0.23
+            (as much as a random direction: the rounding dominates), with master weights 0.054 (fp32 copy: 1e-5).
         backend: ``"auto"`` (fused Triton step for CUDA params, torch elsewhere), ``"torch"`` or ``"triton"``.
 
     Projected params cost two fused passes per step on CUDA (≈36 bytes/param without weight decay, 40 with,
@@ -385,8 +387,7 @@ class OffPrincipalAdamW(torch.optim.AdamW):
                          foreach=foreach, fused=fused)
         named = _named_params(self.param_groups, "OffPrincipalAdamW")
         self.sides = check_sides(sides)
-        resolve_backend(backend, torch.empty(0))  # validates the name
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.master_weights = master_weights
         self.bases = PrincipalBases.build(
             "OffPrincipalAdamW", named,
@@ -537,8 +538,7 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
             raise TypeError(f"OffPrincipalOptimizer wraps a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         self.optimizer = base_optimizer
         self.sides = check_sides(sides)
-        resolve_backend(backend, torch.empty(0))
-        self.backend = backend
+        self.backend = check_backend(backend)
         self._positions = self._names_by_position(base_optimizer, named_parameters)
         named = {name: base_optimizer.param_groups[g]["params"][i] for (g, i), name in self._positions.items()}
         self.bases = PrincipalBases.build(

@@ -110,15 +110,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, D: torch.Tensor, what: str = "D") -> str:
     """``"torch"`` or ``"triton"`` for a tensor ``D`` (named ``what`` in errors).
 
     ``"auto"`` picks Triton for CUDA tensors when Triton is importable, else torch. ``"triton"`` needs a CUDA
     tensor, or CPU tensors with ``TRITON_INTERPRET=1`` set before ``offprincipal.kernels`` is first imported.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if check_backend(backend) == "torch":
         return "torch"
     if backend == "auto":
         if not D.is_cuda:

@@ -397,6 +397,11 @@ def test_triton_backend_on_cpu_is_a_clear_error():
     D = torch.randn(8, 6)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
         project_(D, torch.linalg.qr(torch.randn(8, 2)).Q, torch.linalg.qr(torch.randn(6, 2)).Q, backend="triton")
+    model = make()
+    opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, backend="triton", **adamw())  # constructing is fine
+    random_grads(model, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="cannot run on param"):
+        opt.step()
 
 
 # --- any base optimizer -----------------------------------------------------------------------------------------
