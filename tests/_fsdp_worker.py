@@ -168,6 +168,8 @@ def main() -> None:
 
     dist.barrier()
     dist.destroy_process_group()
+    if os.environ.get("FSDP_OK_DIR"):  # every check passed on this rank
+        open(os.path.join(os.environ["FSDP_OK_DIR"], f"rank{rank}.ok"), "w").close()
     if rank == 0:
         print("FSDP WORKER OK", flush=True)
 
