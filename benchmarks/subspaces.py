@@ -46,10 +46,12 @@ def power_law_matrix(m: int, n: int, device: str, gen: torch.Generator) -> torch
     return (Q1 * sigma) @ Q2.T
 
 
-def llama7b_weights(device: str) -> dict[str, torch.Tensor]:
+def llama7b_weights(device: str, scale: int = 1) -> dict[str, torch.Tensor]:
+    """224 matrices named like a Llama-7B's (dimensions divided by ``scale``, for trying the script on a CPU)."""
     gen = torch.Generator().manual_seed(0)
-    shared = {(m, n): power_law_matrix(m, n, device, gen) for m, n in {(m, n) for _, m, n in LLAMA7B_LAYER}}
-    return {f"layers.{i}.{name}.weight": shared[(m, n)] for i in range(32) for name, m, n in LLAMA7B_LAYER}
+    shapes = {name: (m // scale, n // scale) for name, m, n in LLAMA7B_LAYER}
+    shared = {shape: power_law_matrix(*shape, device, gen) for shape in set(shapes.values())}
+    return {f"layers.{i}.{name}.weight": shared[shape] for i in range(32) for name, shape in shapes.items()}
 
 
 def smollm2_random_model():
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--randomized", default=None,
                         help="randomized SVD settings as oversample:niter pairs (default 32:8 and the bank's defaults; "
                              "on smollm2 also 32:2, 32:4, 64:8)")
+    parser.add_argument("--scale", type=int, default=1, help="llama7b only: divide its dimensions (CPU trial runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -112,9 +115,9 @@ def main(argv=None) -> int:
     if model_name == "llama7b":
         ks = [int(k) for k in (args.ks or "64").split(",")]
         pairs = args.randomized or f"32:8,{DEFAULT_OVERSAMPLE}:{DEFAULT_NITER}"
-        weights = llama7b_weights(device)
+        weights = llama7b_weights(device, args.scale)
         quality_names = [f"layers.0.{name}.weight" for name in ("q_proj", "gate_proj", "down_proj")]
-        source = "Llama-7B-shaped, synthetic power-law spectrum σ_i = i^-½"
+        source = "Llama-7B-shaped" + (f" / {args.scale}" if args.scale > 1 else "") + ", synthetic power-law spectrum σ_i = i^-½"
     else:
         ks = [int(k) for k in (args.ks or "32,64").split(",")]
         pairs = args.randomized or f"32:2,32:4,32:8,64:8,{DEFAULT_OVERSAMPLE}:{DEFAULT_NITER}"
