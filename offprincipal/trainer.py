@@ -1,0 +1,260 @@
+"""Trainer glue: off-principal full-parameter training and live diagnostics inside any HF / TRL Trainer.
+
+Two ways to make full-parameter training off-principal:
+
+- :class:`OffPrincipalCallback` — add it to ``callbacks=[...]`` of any ``transformers.Trainer`` (``GRPOTrainer``
+  included). At ``on_train_begin`` (after the Trainer built its optimizer and, when resuming, loaded the
+  optimizer state) it replaces a torch ``AdamW`` by :class:`~offprincipal.optim.OffPrincipalAdamW` with the same
+  param groups, hyperparameters and state, or wraps any other optimizer in
+  :class:`~offprincipal.optim.OffPrincipalOptimizer`. When resuming, the bases are those the run started with
+  (fingerprints in the checkpoint's ``optimizer.pt``, bases from the subspace cache), so a resumed run follows
+  the uninterrupted trajectory. Gradient accumulation and clipping need nothing: the Trainer steps the optimizer
+  only at sync steps, after clipping, and the LR scheduler is re-pointed at the new optimizer.
+- :class:`OffPrincipalTrainerMixin` — overrides ``create_optimizer`` (``class T(OffPrincipalTrainerMixin,
+  GRPOTrainer)``, or :func:`offprincipal_trainer`). Use it under FSDP/accelerate-prepared optimizers, where a
+  callback cannot swap the prepared optimizer, and when the diagnostics must reach ``report_to`` loggers.
+
+Diagnostics (every ``log_every`` optimizer steps; 0 = off) go into the Trainer's logs under ``offprincipal/``:
+
+- adapter form (any OffPrincipal ``PeftModel``): ``leak_max`` (worst ‖UᵀΔW‖/‖ΔW‖ or ‖ΔW V‖/‖ΔW‖ over layers,
+  low-rank path) and ``update_rel_mean`` (mean ‖ΔW‖_F/‖W0‖_F);
+- full form: ``principal_shift_max``, the worst of ‖Uᵀ(W_t − W_0)‖/‖UᵀW_0‖ and ‖(W_t − W_0)V‖/‖W_0V‖ from the
+  k×n and m×k blocks UᵀW_0, W_0V kept at install time (no copy of W_0), and ``update_rel_mean`` is not
+  available there (it would need W_0).
+
+A callback's additions to ``logs`` reach ``trainer.state.log_history`` and the callbacks after it (the console
+printer); integrations such as wandb/tensorboard run before user callbacks, so to send the diagnostics there
+use the mixin, or put the callback first with ``trainer.callback_handler.callbacks.insert(0, cb)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from .metrics import lowrank_principal_leak
+from .optim import DEFAULT_EXCLUDE, OffPrincipalAdamW, OffPrincipalOptimizer
+from .tuner import OffPrincipalLayer
+
+PREFIX = "offprincipal/"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# diagnostics
+
+
+@torch.no_grad()
+def adapter_diagnostics(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """Live diagnostics of an OffPrincipal adapter: worst principal leak and mean relative update norm."""
+    leaks, rel = [], []
+    for layer in model.modules():
+        if not isinstance(layer, OffPrincipalLayer) or adapter_name not in layer.offprincipal_A:
+            continue
+        A, B = layer.effective_factors(adapter_name)
+        U = layer.offprincipal_U[adapter_name] if adapter_name in layer.offprincipal_U else None
+        V = layer.offprincipal_V[adapter_name] if adapter_name in layer.offprincipal_V else None
+        leaks.append(max(lowrank_principal_leak(B, A, U, V)))
+        delta = torch.linalg.matrix_norm(B.double() @ A.double()) * layer.scaling[adapter_name]
+        rel.append(float(delta / torch.linalg.matrix_norm(layer.get_base_layer().weight.double())))
+    if not leaks:
+        return {}
+    return {PREFIX + "leak_max": max(leaks), PREFIX + "update_rel_mean": sum(rel) / len(rel)}
+
+
+class PrincipalBlocks:
+    """UᵀW_0 (k×n) and W_0V (m×k) of every weight an off-principal optimizer projects, fp32, to check live that
+    the principal blocks do not move: ‖Uᵀ(W_t − W_0)‖/‖UᵀW_0‖ and ‖(W_t − W_0)V‖/‖W_0V‖."""
+
+    def __init__(self, optimizer, named: Mapping[str, torch.Tensor]):
+        self.bases = optimizer.bases
+        self.blocks = {name: self._blocks(name, named[name]) for name in self.bases if name in named}
+
+    @torch.no_grad()
+    def _blocks(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        basis = self.bases.entries[name]
+        W = p.detach().float()
+        return basis.U.T.to(W) @ W, W @ basis.V.to(W)
+
+    @torch.no_grad()
+    def shift(self, named: Mapping[str, torch.Tensor]) -> float:
+        worst = 0.0
+        for name, (left0, right0) in self.blocks.items():
+            left, right = self._blocks(name, named[name])
+            worst = max(
+                worst,
+                float(torch.linalg.matrix_norm(left - left0) / torch.linalg.matrix_norm(left0)),
+                float(torch.linalg.matrix_norm(right - right0) / torch.linalg.matrix_norm(right0)),
+            )
+        return worst
+
+
+class _DiagnosticsLogging(TrainerCallback):
+    """Computes diagnostics at the optimizer steps due for them and adds them to the next log."""
+
+    def __init__(self, log_every: int):
+        if log_every < 0:
+            raise ValueError(f"log_every must be ≥ 0 (0 = off), got {log_every}")
+        self.log_every = log_every
+        self._pending: dict[str, float] = {}
+
+    def diagnostics(self, model) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.log_every and state.global_step % self.log_every == 0:
+            self._pending = self.diagnostics(model)
+            control.should_log = control.should_log or bool(self._pending)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = {}
+
+
+class OffPrincipalDiagnosticsCallback(_DiagnosticsLogging):
+    """Live diagnostics of an OffPrincipal adapter (``GRPOTrainer(peft_config=OffPrincipalConfig(...))``)."""
+
+    def __init__(self, log_every: int = 10, adapter_name: str = "default"):
+        super().__init__(log_every)
+        self.adapter_name = adapter_name
+
+    def diagnostics(self, model) -> dict[str, float]:
+        return adapter_diagnostics(model, self.adapter_name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# full-parameter training
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _saved_optimizer_metadata(args, state) -> Optional[dict]:
+    """The ``offprincipal`` entry of ``<output_dir>/checkpoint-<step>/optimizer.pt`` when resuming, else None."""
+    if not state.global_step:
+        return None
+    path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "optimizer.pt")
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True).get("offprincipal")
+
+
+class OffPrincipalCallback(_DiagnosticsLogging):
+    """Turns full-parameter training in any Trainer into off-principal training (see the module doc).
+
+    Args: ``top_k``, ``top_k_pattern``, ``sides``, ``exclude``, ``svd_method``, ``cache_dir``, ``master_weights``
+    and ``backend`` as in :class:`~offprincipal.optim.OffPrincipalAdamW`; ``log_every``: diagnostics period in
+    optimizer steps (0 = off).
+    """
+
+    def __init__(
+        self,
+        top_k=32,
+        *,
+        top_k_pattern=None,
+        sides: str = "both",
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        svd_method: str = "exact",
+        cache_dir=None,
+        master_weights: bool = False,
+        backend: str = "auto",
+        log_every: int = 10,
+    ):
+        super().__init__(log_every)
+        self.options = dict(
+            top_k=top_k, top_k_pattern=top_k_pattern, sides=sides, exclude=exclude, svd_method=svd_method,
+            cache_dir=cache_dir, backend=backend,
+        )
+        self.master_weights = master_weights
+        self.optimizer = None
+        self._blocks: Optional[PrincipalBlocks] = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is None or model is None:
+            raise RuntimeError("OffPrincipalCallback needs the Trainer's model and optimizer at on_train_begin")
+        if getattr(args, "deepspeed", None):
+            raise RuntimeError(
+                "OffPrincipalCallback cannot work under DeepSpeed ZeRO (it flattens parameters and steps inside "
+                "backward); use the adapter form: peft_config=OffPrincipalConfig(...)"
+            )
+        inner = _inner(optimizer)
+        if isinstance(inner, (OffPrincipalAdamW, OffPrincipalOptimizer)):
+            self.optimizer = inner  # already installed (the mixin, or a second train() call)
+        else:
+            self.optimizer = self._replacement(inner, model, _saved_optimizer_metadata(args, state))
+            if inner is not optimizer:
+                optimizer.optimizer = self.optimizer
+            scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+            if scheduler is not None and getattr(scheduler, "optimizer", None) is inner:
+                scheduler.optimizer = self.optimizer
+        named = dict(model.named_parameters())
+        self._blocks = PrincipalBlocks(self.optimizer, named) if self.log_every else None
+
+    def _replacement(self, inner, model, saved_meta):
+        names = {id(p): n for n, p in model.named_parameters()}
+        if type(inner) is torch.optim.AdamW:
+            groups = [
+                {**{k: v for k, v in g.items() if k not in ("params", "param_names")},
+                 "params": [(names[id(p)], p) for p in g["params"]]}
+                for g in inner.param_groups
+            ]
+            new = OffPrincipalAdamW(groups, master_weights=self.master_weights, **self.options)
+            state = inner.state_dict()
+            if saved_meta is not None:
+                state["offprincipal"] = saved_meta
+            new.load_state_dict(state)
+            return new
+        new = OffPrincipalOptimizer(inner, model.named_parameters(), **self.options)
+        if saved_meta is not None:
+            new.bases.reconcile(saved_meta["bases"])
+        return new
+
+    def diagnostics(self, model) -> dict[str, float]:
+        if self._blocks is None:
+            return {}
+        return {PREFIX + "principal_shift_max": self._blocks.shift(dict(model.named_parameters()))}
+
+
+class OffPrincipalTrainerMixin:
+    """``create_optimizer`` builds :class:`~offprincipal.optim.OffPrincipalAdamW` directly (works under FSDP,
+    where the Trainer refuses pre-built optimizers and a callback cannot swap a prepared one).
+
+    Set ``offprincipal_options`` (a dict of OffPrincipalAdamW keyword arguments) on the class or instance.
+    The Trainer's ``weight_decay`` grouping (no decay for biases and norms), ``learning_rate``, ``adam_beta1/2``
+    and ``adam_epsilon`` are kept.
+    """
+
+    offprincipal_options: Mapping[str, Any] = {}
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [(n, p) for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        args = self.args
+        self.optimizer = OffPrincipalAdamW(
+            [g for g in groups if g["params"]],
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            **dict(self.offprincipal_options),
+        )
+        return self.optimizer
+
+
+def offprincipal_trainer(trainer_cls, **options):
+    """A subclass of ``trainer_cls`` with :class:`OffPrincipalTrainerMixin` and these OffPrincipalAdamW options."""
+    return type(f"OffPrincipal{trainer_cls.__name__}", (OffPrincipalTrainerMixin, trainer_cls),
+                {"offprincipal_options": options})
