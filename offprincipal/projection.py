@@ -20,7 +20,6 @@ row-local. :func:`row_shard` reads the row range and group from a DTensor.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -104,10 +103,6 @@ def principal_leak(
     left = float(torch.linalg.matrix_norm(U.to(D64).T @ D64) / norm) if U is not None else 0.0
     right = float(torch.linalg.matrix_norm(D64 @ V.to(D64)) / norm) if V is not None else 0.0
     return left, right
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def check_backend(backend: str) -> str:
