@@ -1,0 +1,184 @@
+"""Verifiable-reward tasks: answer parser, rewards, splits, batched greedy evaluation, real-model calibration."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from offprincipal import tasks as T
+
+
+# --- parser and rewards ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("7 + 5 = 12.", 12),
+        ("12", 12),
+        ("The answer is 1,234.", 1234),
+        ("5 - 7 = -2", -2),
+        ("5 - 7 = \u22122", -2),
+        ("10-3", 3),
+        ("f(3)-4", 4),
+        ("x = 2.50", Fraction(5, 2)),
+        ("first 3, then 5, finally 122", 122),
+        ("12,34", 34),
+        ("\\boxed{408}", 408),
+        ("59 * 7 = 395\n\nThis is a classic example", 395),
+    ],
+)
+def test_parse_final_number(text, expected):
+    assert T.parse_final_number(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "no number here", "twelve", "-", "\u0663"])  # U+0663: Arabic-Indic 3
+def test_unparseable_is_none_and_scores_zero(text):
+    assert T.parse_final_number(text) is None
+    assert T.correctness_reward([text], ["3"]) == [0.0]
+
+
+def test_correctness_reward_accepts_strings_and_messages():
+    completions = [
+        "59 * 7 = 413",
+        [{"role": "assistant", "content": "It is 122."}],
+        [{"role": "assistant", "content": "122 or maybe 121"}],
+        {"role": "assistant", "content": "-4"},
+    ]
+    assert T.correctness_reward(completions, ["413", "122", "122", "-4"], trainer_state=None) == [1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        T.correctness_reward(["1", "2"], ["1"])
+
+
+def test_format_reward():
+    assert T.format_reward(["395", " 395.\n", "395 apples", "= 395", [{"role": "assistant", "content": "12"}]]) == [
+        1.0, 1.0, 0.0, 0.0, 1.0,
+    ]
+
+
+# --- task, splits, registry --------------------------------------------------------------------------------------
+
+
+def test_rows_are_conversational_and_correct():
+    task = T.get_task("arithmetic", n_train=30, n_test=12)
+    rows = task.rows("test")
+    assert len(rows) == 12 and len(task.rows("train")) == 30
+    for row in rows:
+        (message,) = row["prompt"]
+        assert message["role"] == "user"
+        a, op, b = re.fullmatch(r"Compute (\d+) ([-+*]) (\d+)\. Give only the final answer\.", message["content"]).groups()
+        assert int(row["answer"]) == T.OPERATIONS[op](int(a), int(b)) >= 0
+    assert [r["prompt"][0]["content"].split()[2] for r in rows[:3]] == ["+", "-", "*"]  # ops cycle
+
+
+def test_splits_disjoint_deterministic_and_seeded():
+    task = T.ArithmeticTask(n_train=500, n_test=100)
+    train, test = task.problems("train"), task.problems("test")
+    assert not set(train) & set(test) and len(set(train)) == 500
+    assert task.problems("test") == test
+    assert T.ArithmeticTask(n_train=10, n_test=100).problems("test") == test  # held-out set independent of n_train
+    assert T.ArithmeticTask(n_train=500, n_test=100, seed=1).problems("test") != test
+    digits = {p.op: (len(str(p.a)), len(str(p.b))) for p in test if p.op != "-"}
+    assert digits == {"+": (2, 2), "*": (2, 1)}
+
+
+def test_reward_funcs_and_weights():
+    assert T.get_task("arithmetic").reward_funcs == [T.correctness_reward]
+    task = T.get_task("arithmetic", format_weight=0.2)
+    assert task.reward_funcs == [T.correctness_reward, T.format_reward] and task.reward_weights == [1.0, 0.2]
+
+
+def test_dataset_for_trl():
+    ds = T.get_task("arithmetic", n_train=8, n_test=4).dataset("train")
+    assert len(ds) == 8 and set(ds.column_names) == {"prompt", "answer"}
+    assert ds[0]["prompt"][0]["role"] == "user"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ops=("/",)), "ops must be"),
+        (dict(ops=("+",), operand_digits={"-": (2, 2)}), "no entry for op"),
+        (dict(operand_digits={"+": (1, 1), "-": (1, 1), "*": (1, 1)}, n_train=1000), "cannot draw"),
+    ],
+)
+def test_bad_configuration_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        T.ArithmeticTask(**kwargs).problems("train")
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(KeyError, match="unknown task 'chess'.*arithmetic"):
+        T.get_task("chess")
+    with pytest.raises(ValueError, match="split must be one of"):
+        T.get_task("arithmetic").rows("validation")
+
+
+# --- batched greedy evaluation -----------------------------------------------------------------------------------
+
+
+class OracleModel(torch.nn.Module):
+    """Stands in for a causal LM: "generates" the right answer of each prompt, checking left padding."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+        assert not do_sample and not self.training
+        assert bool(attention_mask[:, -1].all()), "prompts must be left-padded"
+        self.calls.append(input_ids.shape[0])
+        new = []
+        for ids, mask in zip(input_ids, attention_mask):
+            question = self.tokenizer.decode(ids[mask.bool()])
+            a, op, b = re.search(r"(\d+) ([-+*]) (\d+)", question).groups()
+            answer = f"{T.OPERATIONS[op](int(a), int(b))}."
+            new.append(self.tokenizer(answer, add_special_tokens=False)["input_ids"][:max_new_tokens])
+        width = max(map(len, new))
+        new = torch.tensor([row + [pad_token_id] * (width - len(row)) for row in new])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_evaluate_accuracy_batches_left_padded(tokenizer):
+    from tokenizers import decoders
+
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()  # decode the char tokens without separating spaces
+    task = T.get_task("arithmetic", n_train=0, n_test=10)
+    model = OracleModel(tokenizer).train()
+    tokenizer.padding_side = "right"
+    assert T.evaluate_accuracy(model, tokenizer, task, n=7, batch_size=3) == 1.0
+    assert model.calls == [3, 3, 1]
+    assert tokenizer.padding_side == "right" and model.training  # restored
+
+
+def test_evaluate_accuracy_tiny_model_runs(tokenizer):
+    task = T.get_task("arithmetic", n_train=0, n_test=4)
+    model = make_tiny_model()
+    completions = T.generate_completions(model, tokenizer, [r["prompt"] for r in task.rows("test")], 2, 5)
+    assert len(completions) == 4 and all(isinstance(c, str) for c in completions)
+    assert completions == T.generate_completions(model, tokenizer, [r["prompt"] for r in task.rows("test")], 4, 5)
+    assert 0.0 <= T.evaluate_accuracy(model, tokenizer, task, batch_size=2, max_new_tokens=5) <= 1.0
+
+
+# --- real-model calibration (slow: ~1–3 min on 2 CPU cores, depending on load) -----------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_default_difficulty_calibrated_for_smollm2(smollm2_dir):
+    from offprincipal.models import load_model
+
+    model, tok = load_model(smollm2_dir)
+    accuracy = T.evaluate_accuracy(model, tok, T.get_task("arithmetic"), n=40, batch_size=40, max_new_tokens=48)
+    # The documented figure is 19.5 % on all 200 held-out prompts; 40 prompts keep the test short.
+    assert 0.05 <= accuracy <= 0.6, accuracy
