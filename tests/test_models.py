@@ -178,3 +178,9 @@ def test_embedded_model_loads_clean_and_answers(smollm2_dir):
         out = model.generate(**enc, max_new_tokens=24, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "12" in answer, answer
+
+
+def test_unknown_hub_id_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="load_model: could not load 'no-such-org/no-such-model'"):
+        models.load_model("no-such-org/no-such-model")

@@ -182,3 +182,27 @@ def test_default_difficulty_calibrated_for_smollm2(smollm2_dir):
     accuracy = T.evaluate_accuracy(model, tok, T.get_task("arithmetic"), n=40, batch_size=40, max_new_tokens=48)
     # The documented figure is 19.5 % on all 200 held-out prompts; 40 prompts keep the test short.
     assert 0.05 <= accuracy <= 0.6, accuracy
+
+
+def test_rewards_plug_into_trl_grpo(tokenizer, tmp_path):
+    """TRL calls the rewards with conversational completions and the dataset's ``answer`` column."""
+    trl = pytest.importorskip("trl")
+    task = T.get_task("arithmetic", n_train=8, n_test=4, format_weight=0.5)
+    seen = {}
+
+    def spy(completions, answer, **kwargs):
+        seen.update(completion=completions[0], answer=answer[0], kwargs=set(kwargs))
+        return T.correctness_reward(completions, answer, **kwargs)
+
+    config = trl.GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=1, save_strategy="no",
+        reward_weights=task.reward_weights,
+    )
+    trainer = trl.GRPOTrainer(
+        model=make_tiny_model(), reward_funcs=[spy, *task.reward_funcs[1:]], args=config,
+        train_dataset=task.dataset("train"), processing_class=tokenizer,
+    )
+    trainer.train()
+    assert seen["completion"][0]["role"] == "assistant" and seen["answer"] in {r["answer"] for r in task.rows("train")}
+    assert "prompts" in seen["kwargs"]
