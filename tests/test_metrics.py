@@ -288,3 +288,13 @@ def test_lowrank_leak_equals_dense_leak():
     assert M.lowrank_principal_leak(B, A, None, sub.V) == pytest.approx((0.0, expected[1]), rel=1e-10)
     Bp = project(B, sub.U, None, "left")
     assert M.lowrank_principal_leak(Bp, A, sub.U, sub.V)[0] < 1e-12
+
+
+def test_fp32_svd_path_agrees_with_fp64():
+    W0 = gapped().float()
+    W1 = W0 + 0.01 * torch.randn(W0.shape, generator=torch.Generator().manual_seed(7))
+    exact = M.weight_pair_metrics(W0, W1, 4)
+    fast = M.weight_pair_metrics(W0, W1, 4, dtype=torch.float32)
+    assert fast.nss == pytest.approx(exact.nss, rel=1e-3)
+    assert fast.max_angle_left == pytest.approx(exact.max_angle_left, abs=1e-2)
+    assert fast.update_sparsity == exact.update_sparsity and fast.overlap_principal == exact.overlap_principal
