@@ -11,11 +11,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("opcache-session")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own subspace cache unless it asks for the shared model cache."""
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
+    """Every tiny-model test gets its own subspace cache; tests on the embedded model (``smollm2_dir``) share
+    one per session, so SmolLM2's 210 SVDs are computed once. OFFPRINCIPAL_TEST_SHARED_CACHE=1 keeps the
+    user's cache."""
     if os.environ.get("OFFPRINCIPAL_TEST_SHARED_CACHE") != "1":
-        monkeypatch.setenv("OFFPRINCIPAL_CACHE_DIR", str(tmp_path_factory.mktemp("opcache")))
+        shared = "smollm2_dir" in request.fixturenames
+        cache = request.getfixturevalue("_session_cache") if shared else tmp_path_factory.mktemp("opcache")
+        monkeypatch.setenv("OFFPRINCIPAL_CACHE_DIR", str(cache))
     torch.manual_seed(0)
 
 

@@ -15,11 +15,6 @@ PROMPT = [{"role": "user", "content": "What is 17 + 25?"}]
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("smollm2-subspaces")
-
-
-@pytest.fixture(scope="module")
 def loaded(smollm2_dir):
     from offprincipal.models import load_model
 
@@ -43,11 +38,11 @@ def test_subspace_quality(loaded):
         assert captured_energy(W, top_k_subspace(W, 32)) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_identity_train_off_principal_save_reload(loaded, smollm2_dir, shared_cache, tmp_path):
+def test_identity_train_off_principal_save_reload(loaded, smollm2_dir, tmp_path):
     model, tokenizer, ids = loaded
     with torch.no_grad():
         ref = model(**ids).logits
-    config = OffPrincipalConfig(r=8, top_k=32, target_modules="all-linear", subspace_cache_dir=str(shared_cache))
+    config = OffPrincipalConfig(r=8, top_k=32, target_modules="all-linear")
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         assert torch.equal(peft_model(**ids).logits, ref)
