@@ -46,22 +46,37 @@ PREFIX = "offprincipal/"
 # diagnostics
 
 
-@torch.no_grad()
-def adapter_diagnostics(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, float]:
-    """Live diagnostics of an OffPrincipal adapter: worst principal leak and mean relative update norm."""
-    leaks, rel = [], []
-    for layer in model.modules():
-        if not isinstance(layer, OffPrincipalLayer) or adapter_name not in layer.offprincipal_A:
-            continue
-        A, B = layer.effective_factors(adapter_name)
-        U = layer.offprincipal_U[adapter_name] if adapter_name in layer.offprincipal_U else None
-        V = layer.offprincipal_V[adapter_name] if adapter_name in layer.offprincipal_V else None
-        leaks.append(max(lowrank_principal_leak(B, A, U, V)))
-        delta = torch.linalg.matrix_norm(B.double() @ A.double()) * layer.scaling[adapter_name]
-        rel.append(float(delta / torch.linalg.matrix_norm(layer.get_base_layer().weight.double())))
-    if not leaks:
-        return {}
-    return {PREFIX + "leak_max": max(leaks), PREFIX + "update_rel_mean": sum(rel) / len(rel)}
+def lowrank_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B A‖_F for B (m, r), A (r, n) without forming B A: ‖BA‖_F² = tr((BᵀB)(AAᵀ)), two r×r Gram matrices."""
+    B, A = B.detach().double(), A.detach().double()
+    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+
+
+class AdapterDiagnostics:
+    """Live diagnostics of an OffPrincipal adapter, all through r-sized factors (no m×n matrix is formed):
+    worst principal leak over layers and mean relative update norm ‖ΔW‖_F/‖W0‖_F (‖W0‖_F computed once)."""
+
+    def __init__(self, adapter_name: str = "default"):
+        self.adapter_name = adapter_name
+        self._base_norms: dict[int, float] = {}
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        name = self.adapter_name
+        leaks, rel = [], []
+        for layer in model.modules():
+            if not isinstance(layer, OffPrincipalLayer) or name not in layer.offprincipal_A:
+                continue
+            A, B = layer.effective_factors(name)
+            U = layer.offprincipal_U[name] if name in layer.offprincipal_U else None
+            V = layer.offprincipal_V[name] if name in layer.offprincipal_V else None
+            leaks.append(max(lowrank_principal_leak(B, A, U, V)))
+            if id(layer) not in self._base_norms:
+                self._base_norms[id(layer)] = float(torch.linalg.matrix_norm(layer.get_base_layer().weight.double()))
+            rel.append(lowrank_norm(B, A) * layer.scaling[name] / self._base_norms[id(layer)])
+        if not leaks:
+            return {}
+        return {PREFIX + "leak_max": max(leaks), PREFIX + "update_rel_mean": sum(rel) / len(rel)}
 
 
 class PrincipalBlocks:
@@ -121,10 +136,7 @@ class OffPrincipalDiagnosticsCallback(_DiagnosticsLogging):
 
     def __init__(self, log_every: int = 10, adapter_name: str = "default"):
         super().__init__(log_every)
-        self.adapter_name = adapter_name
-
-    def diagnostics(self, model) -> dict[str, float]:
-        return adapter_diagnostics(model, self.adapter_name)
+        self.diagnostics = AdapterDiagnostics(adapter_name)
 
 
 # --------------------------------------------------------------------------------------------------------------
