@@ -1,18 +1,434 @@
 """The ``offprincipal`` command line.
 
-    offprincipal demo     load the embedded SmolLM2-135M-Instruct, attach an OffPrincipal adapter, take a few
-                          AdamW steps, and print loss, step time and the principal leak of every update
+    offprincipal train      GRPO (TRL) on a verifiable-reward task, by default on the embedded SmolLM2-135M-Instruct,
+                            with the OffPrincipal adapter or one of the baselines; evaluates held-out accuracy
+                            before and after and writes a run folder (weights, metrics.jsonl, report.md + PNGs)
+    offprincipal analyze    the paper's parameter-level report (NSS, principal angles, bf16 sparsity, mask
+                            overlaps) between a base checkpoint and a tuned one (model folder, adapter or run folder)
+    offprincipal demo       attach an OffPrincipal adapter to the embedded model, take a few AdamW steps and print
+                            loss, step time and the principal leak of every update
+
+User errors (bad option values, missing paths, an unwritable or existing output folder, a GPU that is not there)
+end with one line ``offprincipal <command>: error: ...`` and exit status 2. Output folders are built under a
+temporary name next to the target and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator, Optional
+
+METHODS = {
+    "offprincipal": "OffPrincipal adapter (PEFT): low-rank update kept off the top-k principal directions",
+    "offprincipal-full": "full-parameter training with OffPrincipalAdamW (the OffPrincipalCallback)",
+    "lora": "PEFT LoRA with the same rank and target modules (baseline)",
+    "full": "plain full-parameter training with AdamW (baseline)",
+    "sft": "full-parameter supervised fine-tuning on the task's correct answers (TRL SFTTrainer; no RL)",
+}
+ADAPTER_METHODS = ("offprincipal", "lora")
+# Adapters take ~10× the full-parameter rate ("LoRA without regret"; notes/paper.md).
+DEFAULT_LR = {"offprincipal": 1e-4, "lora": 1e-4, "offprincipal-full": 1e-5, "full": 1e-5, "sft": 1e-5}
+EMBEDDED = "embedded"
 
 
 class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+    """A user error: printed as one line naming the argument and what to do; exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a :class:`CLIError` (one line) instead of usage + exit."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see `{self.prog} --help`)", self.prog)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared helpers: device, model loading, top-k, atomic output folders
+
+
+def _resolve_device(choice: str) -> str:
+    """``cpu``/``cuda``/``auto`` → the device to use; a CUDA request without a GPU is a user error."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA GPU is visible on this machine; use --device cpu (or auto)")
+    return choice
+
+
+def _model_source(value: Optional[str]) -> Optional[str]:
+    """``None``/``"embedded"`` → None (the embedded SmolLM2-135M-Instruct), else the path or hub id."""
+    return None if value in (None, EMBEDDED) else value
+
+
+def _describe_model(value: Optional[str]) -> str:
+    return "embedded SmolLM2-135M-Instruct" if _model_source(value) is None else str(value)
+
+
+def _load(value: Optional[str], device: str = "cpu", option: str = "--model", dtype=None):
+    """(model, tokenizer) via :func:`offprincipal.models.load_model` (fp32 unless ``dtype``); load failures become a
+    CLIError naming ``option``."""
+    import torch
+
+    from .models import load_model
+
+    source = _model_source(value)
+    try:
+        return load_model(source, dtype=dtype or torch.float32, device=device)
+    except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
+        if source is None:
+            raise CLIError(f"{option}: {' '.join(str(exc).split())}") from exc
+        raise CLIError(
+            f"{option} {value}: cannot load a model from it ({type(exc).__name__}); pass an existing model folder, "
+            f"a .gguf file, a hub id cached locally, or '{EMBEDDED}' for the embedded SmolLM2-135M-Instruct"
+        ) from exc
+
+
+def _check_top_k(model, top_k: int, option: str = "--top-k") -> None:
+    """Every linear weight (the output head aside) must allow 1 ≤ k < min(m, n)."""
+    from .metrics import linear_weights
+    from .subspace import resolve_top_k
+
+    for name, weight in linear_weights(model).items():
+        try:
+            resolve_top_k(top_k, tuple(weight.shape), name)
+        except ValueError as exc:
+            limit = min(weight.shape)
+            raise CLIError(f"{option} {top_k}: too large for {name} ({weight.shape[0]}×{weight.shape[1]}); "
+                           f"pass {option} < {limit}") from exc
+
+
+@contextmanager
+def _atomic_dir(target: Path, option: str = "--output") -> Iterator[Path]:
+    """A fresh temporary folder next to ``target``, renamed to ``target`` when the block succeeds and removed when it
+    fails, so a folder at ``target`` is always complete. ``target`` must not exist yet."""
+    target = Path(target).expanduser()
+    if target.exists():
+        raise CLIError(f"{option} {target}: already exists; pass a new folder (runs are never overwritten)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise CLIError(f"{option} {target}: cannot create it ({exc.strerror or exc}); pass a writable folder") from exc
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_output(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _machine() -> dict:
+    """What the run ran on (for reports: timings depend on it, and on the load of a shared machine)."""
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on POSIX
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _autocast(args):
+    """bf16 autocast for evaluation when training runs in bf16 (what the Trainer does for training steps)."""
+    import torch
+
+    return torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+
+def _held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
+    """Greedy accuracy on the first ``--eval-n`` held-out prompts, with the training completion budget (None if 0)."""
+    from .tasks import evaluate_accuracy
+
+    if not args.eval_n:
+        return None
+    with _autocast(args):
+        return evaluate_accuracy(model, tokenizer, task, n=args.eval_n, max_new_tokens=args.max_completion_length)
+
+
+def _peft_config(args):
+    """The adapter config of ``--method`` (None for the full-parameter methods)."""
+    if args.method == "offprincipal":
+        from .tuner import OffPrincipalConfig
+
+        return OffPrincipalConfig(r=args.rank, alpha=args.rank, top_k=args.top_k, target_modules="all-linear")
+    if args.method == "lora":
+        from peft import LoraConfig
+
+        return LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
+    return None
+
+
+def _common_config(args, scratch: Path) -> dict:
+    """TrainingArguments shared by GRPO and SFT: one log record per step, nothing saved by the Trainer itself."""
+    return dict(
+        output_dir=str(scratch), max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+        per_device_train_batch_size=args.num_generations * args.prompts_per_step, logging_steps=1,
+        save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu", bf16=args.bf16,
+        activation_checkpointing=False,
+    )
+
+
+def _sft_dataset(task):
+    """The task's train prompts with their correct answers as the assistant completion."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": row["prompt"], "completion": [{"role": "assistant", "content": row["answer"]}]}
+        for row in task.rows("train")
+    ])
+
+
+def _make_trainer(args, model, tokenizer, task, scratch: Path, callbacks: list):
+    """GRPOTrainer for the RL methods, SFTTrainer for ``sft``; the Trainer's own progress bar is replaced by ours."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if args.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(model=model, args=SFTConfig(**_common_config(args, scratch)),
+                             train_dataset=_sft_dataset(task), processing_class=tokenizer, callbacks=callbacks)
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        config = GRPOConfig(**_common_config(args, scratch), num_generations=args.num_generations,
+                            max_completion_length=args.max_completion_length, temperature=args.temperature,
+                            reward_weights=task.reward_weights)
+        trainer = GRPOTrainer(model=model, reward_funcs=task.reward_funcs, args=config,
+                              train_dataset=task.dataset("train"), processing_class=tokenizer,
+                              peft_config=_peft_config(args), callbacks=callbacks)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _progress_fields(record: dict) -> str:
+    """The console line of one logged step."""
+    fields = [
+        ("reward", "reward", "{:.3f}"), ("loss", "loss", "{:.4f}"), ("eval/accuracy", "held-out acc", "{:.1%}"),
+        ("completions/mean_length", "length", "{:.1f}"), ("step_time", "step time", "{:.1f} s"),
+        ("offprincipal/leak_max", "leak", "{:.1e}"), ("offprincipal/principal_shift_max", "principal shift", "{:.1e}"),
+    ]
+    if "reward" in record:
+        fields.pop(1)  # GRPO's loss is not informative next to the reward
+    return "  ".join(f"{label} {fmt.format(record[key])}" for key, label, fmt in fields if key in record)
+
+
+def _callbacks(args, metrics_path: Path, evaluate):
+    """Diagnostics of the method, optional periodic held-out accuracy, and the progress/metrics.jsonl writer (last,
+    so it sees what the others add to each log)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    from .report import to_json
+    from .trainer import OffPrincipalCallback, OffPrincipalDiagnosticsCallback, _DiagnosticsLogging
+
+    class HeldOutAccuracy(_DiagnosticsLogging):
+        """Greedy held-out accuracy every ``--eval-every`` steps, logged as ``eval/accuracy``."""
+
+        def diagnostics(self, model):
+            return {"eval/accuracy": evaluate(model)}
+
+    class Progress(TrainerCallback):
+        """A tqdm bar over steps, one console line per logged step, and ``metrics.jsonl`` written as it goes."""
+
+        def __init__(self):
+            self.records: list[dict] = []
+            self.bar = None
+            self.step_start = self.step_seconds = 0.0
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc=f"train ({args.method})", unit="step")
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.step_start = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            self.step_seconds = time.perf_counter() - self.step_start
+
+        def on_log(self, args_, state, control, logs=None, **kwargs):
+            if "train_runtime" in logs:  # the Trainer's end-of-training summary, not a step
+                return
+            # GRPO logs its own step_time (generation included); SFT does not
+            record = {"step": state.global_step, "step_time": self.step_seconds, **logs}
+            self.records.append(record)
+            with open(metrics_path, "a") as handle:
+                handle.write(to_json(record) + "\n")
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.write(f"step {state.global_step}/{state.max_steps}  {_progress_fields(record)}")
+
+        def on_train_end(self, args_, state, control, **kwargs):
+            self.bar.close()
+
+    callbacks = []
+    if args.method == "offprincipal":
+        callbacks.append(OffPrincipalDiagnosticsCallback(log_every=1))
+    elif args.method == "offprincipal-full":
+        callbacks.append(OffPrincipalCallback(top_k=args.top_k, log_every=1))
+    if args.eval_every and args.eval_n:
+        callbacks.append(HeldOutAccuracy(args.eval_every))
+    return callbacks + [Progress()]
+
+
+def _summarize_rewards(records: list[dict], key: str = "reward") -> dict:
+    """Mean of the first and last fifth of the logged steps (a noisy per-step reward made readable)."""
+    values = [r[key] for r in records if key in r]
+    if not values:
+        return {}
+    fifth = max(1, len(values) // 5)
+    return {f"{key}_first_fifth": sum(values[:fifth]) / fifth, f"{key}_last_fifth": sum(values[-fifth:]) / fifth}
+
+
+def cmd_train(args) -> None:
+    from transformers import set_seed
+
+    from .metrics import compare_weights, linear_weights
+    from .report import write_train_report
+    from .tasks import get_task
+
+    start = time.perf_counter()
+    args.device = _resolve_device(args.device)
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    target = Path(args.output) if args.output else _default_output(f"{args.method}-{args.task}")
+    load_start = _load_average()
+    with _atomic_dir(target) as tmp:
+        set_seed(args.seed)
+        model, tokenizer = _load(args.model, args.device)
+        _check_top_k(model, args.top_k)
+        task = get_task(args.task)
+        base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
+
+        def evaluate(m):
+            return _held_out_accuracy(m, tokenizer, task, args)
+
+        print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
+        accuracy = {"before": evaluate(model)}
+        print(f"held-out accuracy before: {_pct(accuracy['before'])}", file=sys.stderr)
+        callbacks = _callbacks(args, tmp / "metrics.jsonl", evaluate)
+        trainer = _make_trainer(args, model, tokenizer, task, tmp / "trainer", callbacks)
+        train_start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - train_start
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch output_dir (save_strategy="no")
+        is_adapter = args.method in ADAPTER_METHODS
+        trainer.save_model(str(tmp / ("adapter" if is_adapter else "model")))
+        tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
+        accuracy["after"] = evaluate(tuned)
+        print(f"held-out accuracy after: {_pct(accuracy['after'])}", file=sys.stderr)
+        records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.top_k)
+        progress = callbacks[-1]
+        facts = {
+            "method": f"{args.method} — {METHODS[args.method]}", "task": args.task, "model": _describe_model(args.model),
+            "device": args.device, "bf16": str(args.bf16), "steps": args.steps, "learning rate": args.lr,
+            "rank": args.rank if is_adapter else "n/a", "top-k": args.top_k, "num generations": args.num_generations,
+            "prompts per step": args.prompts_per_step, "max completion length": args.max_completion_length,
+            "temperature": args.temperature,
+            "seed": args.seed, "train seconds": round(train_seconds, 1),
+            "wall seconds": round(time.perf_counter() - start, 1), "load average at start / end":
+            f"{load_start} / {_load_average()}", **{k: str(v) for k, v in _machine().items()},
+            **_summarize_rewards(progress.records),
+        }
+        report = write_train_report(tmp, facts, progress.records, accuracy, args.eval_n, records, summary)
+    print(f"run folder: {target} (report: {target / report.name}; wall time {time.perf_counter() - start:.0f} s)")
+
+
+def _pct(value: Optional[float]) -> str:
+    return "skipped (--eval-n 0)" if value is None else f"{100 * value:.1f}%"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# analyze
+
+
+def _tuned_checkpoint(value: str) -> Path:
+    """TUNED as given: a model folder, an adapter folder, or a ``train`` run folder (its adapter/ or model/)."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise CLIError(f"TUNED {value}: not found; pass a model folder, an adapter folder or a run folder of `train`")
+    for sub in ("adapter", "model"):
+        if (path / sub).is_dir() and not (path / "config.json").exists():
+            return path / sub
+    return path
+
+
+def _load_tuned(base: Optional[str], tuned: Path):
+    """The tuned model; an adapter folder (adapter_config.json) is loaded onto BASE and merged."""
+    if not (tuned / "adapter_config.json").exists():
+        return _load(str(tuned), option="TUNED")[0]
+    from peft import PeftModel
+
+    import offprincipal  # noqa: F401 - registers the OffPrincipal PEFT method for adapters saved by it
+
+    return PeftModel.from_pretrained(_load(base, option="BASE")[0], str(tuned)).merge_and_unload()
+
+
+def cmd_analyze(args) -> None:
+    from .metrics import compare_weights, linear_weights
+    from .report import write_analysis_report
+
+    tuned_path = _tuned_checkpoint(args.tuned)
+    target = Path(args.output) if args.output else _default_output("analyze")
+    with _atomic_dir(target) as tmp:
+        base_model = _load(args.base, option="BASE")[0]
+        _check_top_k(base_model, args.top_k)
+        tuned_model = _load_tuned(args.base, tuned_path)
+        try:
+            records, summary = compare_weights(linear_weights(base_model), linear_weights(tuned_model), k=args.top_k,
+                                               alpha=args.alpha)
+        except (KeyError, ValueError) as exc:
+            raise CLIError(f"TUNED {args.tuned}: does not match BASE ({' '.join(str(exc).split())}); "
+                           "pass a checkpoint tuned from BASE") from exc
+        facts = {"base": _describe_model(args.base), "tuned": str(tuned_path), "top-k": args.top_k, "alpha": args.alpha}
+        report = write_analysis_report(tmp, records, summary, facts)
+    print(f"NSS {summary['mean_nss']:.3g}  max angle L/R {summary['mean_max_angle_left']:.3g}°/"
+          f"{summary['mean_max_angle_right']:.3g}°  bf16 sparsity {summary['update_sparsity']:.3f}")
+    print(f"report: {target / report.name}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo
 
 
 def _demo_batch(tokenizer, n: int):
@@ -37,12 +453,11 @@ def cmd_demo(args) -> None:
     import torch
     from peft import get_peft_model
 
-    from .models import load_model
     from .tuner import OffPrincipalConfig, max_principal_leak
 
     torch.manual_seed(args.seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, tokenizer = load_model(args.model, dtype=dtype)
+    model, tokenizer = _load(args.model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
+    _check_top_k(model, args.top_k)
     t = time.perf_counter()
     config = OffPrincipalConfig(r=args.rank, alpha=args.rank, top_k=args.top_k, target_modules="all-linear")
     model = get_peft_model(model, config)
@@ -62,29 +477,97 @@ def cmd_demo(args) -> None:
         print(f"step {step}/{args.steps}  loss {loss.item():.4f}  step time {elapsed:.2f} s  principal leak {leak:.1e}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offprincipal", description="Off-principal RLVR fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# --------------------------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="GRPO on a verifiable-reward task (default: OffPrincipal adapter on the embedded model)",
+        description="GRPO (TRL) with an OffPrincipal adapter or a baseline; held-out accuracy before/after; a run "
+                    "folder with the weights, metrics.jsonl and report.md (+ PNG plots).",
+    )
+    p.add_argument("--method", choices=list(METHODS), default="offprincipal",
+                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()) + " (default: offprincipal)")
+    from .tasks import TASKS
+
+    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")
+    p.add_argument("--model", default=None,
+                   help=f"model folder, .gguf file or hub id (default: '{EMBEDDED}', SmolLM2-135M-Instruct)")
+    p.add_argument("--steps", type=_positive_int, default=60, help="optimizer steps (default: 60)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r, alpha = r (default: 16)")
+    p.add_argument("--top-k", type=_positive_int, default=32,
+                   help="protected principal subspace per weight, also the k of the report's angles (default: 32)")
+    p.add_argument("--num-generations", type=_positive_int, default=8, help="completions per prompt (default: 8)")
+    p.add_argument("--prompts-per-step", type=_positive_int, default=1, help="prompts per optimizer step (default: 1)")
+    p.add_argument("--max-completion-length", type=_positive_int, default=48,
+                   help="completion budget in tokens, for training and evaluation (default: 48)")
+    p.add_argument("--temperature", type=_positive_float, default=0.7,
+                   help="sampling temperature of the GRPO completions (default: 0.7; at 1.0 the embedded model's "
+                        "samples are rarely right, so rewards rarely vary within a group)")
+    p.add_argument("--eval-n", type=_non_negative_int, default=64,
+                   help="held-out prompts for the greedy accuracy before/after (0: skip; default: 64)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=0,
+                   help="also evaluate held-out accuracy every N steps (default: 0, only before and after)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for training and evaluation; weights stay fp32 (default: on)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="(default: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="run folder to create (default: runs/<method>-<task>-<time>)")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze", help="the paper's parameter-level report between two checkpoints",
+        description="NSS, principal angles, bf16 update sparsity and mask overlaps of every linear weight, "
+                    "BASE vs TUNED, as report.md + PNG plots + layers.jsonl + summary.json.",
+    )
+    p.add_argument("base", metavar="BASE", help=f"base model folder, .gguf file or hub id ('{EMBEDDED}': SmolLM2-135M)")
+    p.add_argument("tuned", metavar="TUNED",
+                   help="tuned model folder, adapter folder (merged onto BASE) or run folder of `offprincipal train`")
+    p.add_argument("--top-k", type=_positive_int, default=64, help="k of the principal subspaces (default: 64)")
+    p.add_argument("--alpha", type=float, default=0.5, help="density of the principal/low-magnitude masks (0.5)")
+    p.add_argument("--output", default=None, help="report folder to create (default: runs/analyze-<time>)")
+    p.set_defaults(func=cmd_analyze)
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="attach the adapter to the embedded model and take a few steps")
     demo.add_argument("--model", default=None, help="model directory or hub id (default: embedded SmolLM2-135M)")
-    demo.add_argument("--steps", type=int, default=5)
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--rank", type=int, default=16)
-    demo.add_argument("--top-k", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--steps", type=_positive_int, default=5)
+    demo.add_argument("--batch", type=_positive_int, default=8)
+    demo.add_argument("--rank", type=_positive_int, default=16)
+    demo.add_argument("--top-k", type=_positive_int, default=32)
+    demo.add_argument("--lr", type=_positive_float, default=1e-3)
     demo.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="offprincipal", description="Off-principal RLVR fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_analyze(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the exit status (0 success, 2 user error)."""
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"offprincipal {args.command}: error: {exc}", file=sys.stderr)
+    except CLIError as exc:
+        prog = exc.args[1] if len(exc.args) > 1 else f"offprincipal {getattr(args, 'command', '')}".strip()
+        print(f"{prog}: error: {exc.args[0]}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     return 0
 
 

@@ -1,0 +1,298 @@
+"""Markdown + PNG reports of the paper's parameter-level metrics and of training runs.
+
+Shared by ``offprincipal train`` (which appends a training section: reward curve, held-out accuracy before and
+after) and ``offprincipal analyze`` (parameter metrics between two checkpoints). The metrics themselves come from
+:mod:`offprincipal.metrics` (``compare_weights``); this module only lays them out:
+
+- per-layer line plots (x = decoder layer index, one line per module kind such as ``q_proj``) of NSS, max principal
+  angle (left and right), bf16 update sparsity and the update's overlap with the principal-weight and
+  low-magnitude masks (with the random baseline α);
+- tables per module kind (means over layers) and per weight;
+- ``layers.jsonl`` (one :class:`~offprincipal.metrics.LayerRecord` per line) and ``summary.json``.
+
+Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+from .metrics import LayerRecord
+
+PLOTS = "plots"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (imported lazily: only reports need it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --- layout helpers ---------------------------------------------------------------------------------------------
+
+
+def layer_position(name: str) -> tuple[int, str]:
+    """(decoder layer index, module kind) of a weight name: ``model.layers.3.self_attn.q_proj`` → (3, "q_proj").
+    Names without an index get -1."""
+    match = _LAYER_INDEX.search(name)
+    return (int(match.group(1)) if match else -1), name.rsplit(".", 1)[-1]
+
+
+def _by_kind(records: Sequence[LayerRecord]) -> dict[str, list[LayerRecord]]:
+    """Records grouped by module kind, each group sorted by layer index (kinds in first-seen order)."""
+    groups: dict[str, list[LayerRecord]] = defaultdict(list)
+    for record in records:
+        groups[layer_position(record.name)[1]].append(record)
+    return {kind: sorted(group, key=lambda r: layer_position(r.name)[0]) for kind, group in groups.items()}
+
+
+def _fmt(value, digits: int = 4) -> str:
+    """A compact number for tables (``n/a`` for None/NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+# --- plots ------------------------------------------------------------------------------------------------------
+
+
+def plot_per_layer(
+    records: Sequence[LayerRecord],
+    metrics: Mapping[str, Callable[[LayerRecord], float]],
+    path: Path,
+    ylabel: str,
+    baseline: Optional[float] = None,
+) -> Path:
+    """One panel per entry of ``metrics`` (title → value of a record), one line per module kind over layer index."""
+    plt = _pyplot()
+    groups = _by_kind(records)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+    for ax, (title, value) in zip(axes[0], metrics.items()):
+        for kind, group in groups.items():
+            ax.plot([layer_position(r.name)[0] for r in group], [value(r) for r in group], marker=".", label=kind)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="random baseline")
+        ax.set(title=title, xlabel="layer", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curve(log_records: Sequence[Mapping], path: Path) -> Optional[Path]:
+    """Reward per step (GRPO) or loss per step (SFT), with a moving average; None when nothing was logged."""
+    key = "reward" if any("reward" in r for r in log_records) else "loss"
+    points = [(r["step"], r[key]) for r in log_records if key in r]
+    if not points:
+        return None
+    plt = _pyplot()
+    steps, values = zip(*points)
+    window = max(1, len(values) // 10)
+    smooth = [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(steps, values, alpha=0.35, marker=".", label=key)
+    ax.plot(steps, smooth, label=f"moving mean ({window} steps)")
+    ax.set(title=f"training {key}", xlabel="step", ylabel=key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(before: float, after: float, path: Path, n: int) -> Path:
+    """Bar chart of held-out accuracy before and after training."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3.8))
+    bars = ax.bar(["before", "after"], [100 * before, 100 * after], color=["tab:gray", "tab:blue"])
+    ax.bar_label(bars, fmt="%.1f%%")
+    ax.set(title=f"held-out accuracy (greedy, n={n})", ylabel="accuracy (%)", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- the parameter-level section ------------------------------------------------------------------------------------
+
+
+def _kind_table(records: Sequence[LayerRecord]) -> str:
+    """Means over layers per module kind."""
+    rows = []
+    for kind, group in _by_kind(records).items():
+        rows.append([
+            kind, len(group),
+            _mean([r.nss for r in group]),
+            max(r.max_angle_left for r in group), max(r.max_angle_right for r in group),
+            _mean([r.update_sparsity for r in group]),
+            _mean([r.overlap_principal for r in group]), _mean([r.overlap_low_magnitude for r in group]),
+        ])
+    header = ["kind", "weights", "mean NSS", "max angle L (°)", "max angle R (°)", "mean bf16 sparsity",
+              "overlap principal", "overlap low-mag"]
+    return _table(header, rows)
+
+
+def _weight_table(records: Sequence[LayerRecord]) -> str:
+    """One row per weight."""
+    rows = [
+        [r.name, f"{r.shape[0]}×{r.shape[1]}", r.k, r.nss, r.max_angle_left, r.max_angle_right, r.update_sparsity,
+         r.overlap_principal, r.overlap_low_magnitude, max(r.leak_left, r.leak_right)]
+        for r in records
+    ]
+    header = ["weight", "shape", "k", "NSS", "max angle L (°)", "max angle R (°)", "bf16 sparsity",
+              "overlap principal", "overlap low-mag", "principal leak"]
+    return _table(header, rows)
+
+
+def _summary_table(summary: Mapping) -> str:
+    labels = {
+        "layers": "weights compared", "parameters": "parameters", "update_sparsity": "bf16 update sparsity",
+        "mean_nss": "mean NSS (spectral drift)", "mean_max_angle_left": "mean max principal angle, left (°)",
+        "mean_max_angle_right": "mean max principal angle, right (°)",
+        "mean_overlap_principal": "update ∩ principal-weight mask / update",
+        "mean_overlap_low_magnitude": "update ∩ low-magnitude mask / update",
+        "overlap_random_baseline": "random baseline of both overlaps (α)",
+        "mean_leak_left": "mean principal leak ‖U₀ᵀΔW‖/‖ΔW‖", "mean_leak_right": "mean principal leak ‖ΔW V₀‖/‖ΔW‖",
+    }
+    return _table(["metric", "value"], [[label, summary[key]] for key, label in labels.items() if key in summary])
+
+
+def parameter_section(records: Sequence[LayerRecord], summary: Mapping, out_dir: Path) -> str:
+    """Markdown of the parameter-level metrics with its PNGs written under ``out_dir/plots``."""
+    plots = Path(out_dir) / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    k_values = sorted({r.k for r in records})
+    alpha = records[0].alpha
+    plot_per_layer(records, {"NSS (spectral drift)": lambda r: r.nss}, plots / "nss.png", "NSS")
+    plot_per_layer(
+        records,
+        {"max principal angle, left (U)": lambda r: r.max_angle_left,
+         "max principal angle, right (V)": lambda r: r.max_angle_right},
+        plots / "principal_angles.png", "degrees",
+    )
+    plot_per_layer(records, {"bf16 update sparsity": lambda r: r.update_sparsity}, plots / "sparsity.png", "sparsity")
+    plot_per_layer(
+        records,
+        {"update ∩ principal-weight mask": lambda r: r.overlap_principal,
+         "update ∩ low-magnitude mask": lambda r: r.overlap_low_magnitude},
+        plots / "mask_overlap.png", "fraction of updated weights", baseline=alpha,
+    )
+    return "\n\n".join([
+        "## Parameter-level metrics (arXiv 2511.08567)",
+        f"Base vs tuned weights of every linear layer (output head excluded); top-k subspaces with k = "
+        f"{', '.join(map(str, k_values))} (clipped to min(m, n)); masks of density α = {alpha}. NSS = "
+        "‖σ(W₁) − σ(W₀)‖/‖σ(W₀)‖; principal angles between the top-k singular subspaces of W₀ and W₁; a weight "
+        "counts as updated when its bf16 value changed.",
+        _summary_table(summary),
+        f"![NSS per layer]({PLOTS}/nss.png)",
+        f"![max principal angle per layer]({PLOTS}/principal_angles.png)",
+        f"![bf16 update sparsity per layer]({PLOTS}/sparsity.png)",
+        f"![mask overlaps per layer]({PLOTS}/mask_overlap.png)",
+        "### Per module kind (means over layers; angles: maximum)",
+        _kind_table(records),
+        "### Per weight",
+        "<details><summary>table</summary>\n\n" + _weight_table(records) + "\n\n</details>",
+    ])
+
+
+def save_parameter_metrics(records: Sequence[LayerRecord], out_dir: Path) -> None:
+    """``layers.jsonl``: one LayerRecord (angle curves included) per line."""
+    with open(Path(out_dir) / "layers.jsonl", "w") as handle:
+        for record in records:
+            handle.write(to_json(record.as_dict()) + "\n")
+
+
+def to_json(data: Mapping, indent: Optional[int] = None) -> str:
+    """Strict JSON text of ``data`` (NaN written as null)."""
+    return json.dumps(_nan_to_none(data), indent=indent)
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    """Pretty, strict JSON file."""
+    Path(path).write_text(to_json(data, indent=2) + "\n")
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _facts(facts: Mapping[str, object]) -> str:
+    return _table(["", ""], [[key, value if isinstance(value, str) else _fmt(value)] for key, value in facts.items()])
+
+
+# --- whole reports ----------------------------------------------------------------------------------------------
+
+
+def write_analysis_report(
+    out_dir: Path, records: Sequence[LayerRecord], summary: Mapping, facts: Mapping[str, object]
+) -> Path:
+    """``report.md`` (+ plots, ``layers.jsonl``, ``summary.json``) for ``offprincipal analyze``."""
+    out_dir = Path(out_dir)
+    save_parameter_metrics(records, out_dir)
+    write_json(out_dir / "summary.json", {"inputs": dict(facts), "parameter_metrics": dict(summary)})
+    text = "\n\n".join(["# Parameter-level analysis", _facts(facts), parameter_section(records, summary, out_dir)])
+    (out_dir / "report.md").write_text(text + "\n")
+    return out_dir / "report.md"
+
+
+def write_train_report(
+    out_dir: Path,
+    facts: Mapping[str, object],
+    log_records: Sequence[Mapping],
+    accuracy: Mapping[str, Optional[float]],
+    eval_n: int,
+    records: Sequence[LayerRecord],
+    summary: Mapping,
+) -> Path:
+    """``report.md`` for ``offprincipal train``: run facts, training curve, held-out accuracy before/after, and the
+    parameter-level section (``summary.json`` and ``layers.jsonl`` too; ``metrics.jsonl`` is written live)."""
+    out_dir = Path(out_dir)
+    plots = out_dir / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    save_parameter_metrics(records, out_dir)
+    write_json(out_dir / "summary.json", {"run": dict(facts), "accuracy": dict(accuracy), "parameter_metrics": dict(summary)})
+    parts = ["# Training run", _facts(facts), "## Training"]
+    if plot_training_curve(log_records, plots / "training_curve.png"):
+        parts.append(f"![training curve]({PLOTS}/training_curve.png)")
+    if accuracy.get("before") is not None and accuracy.get("after") is not None:
+        plot_accuracy(accuracy["before"], accuracy["after"], plots / "accuracy.png", eval_n)
+        parts.append(
+            f"Held-out accuracy (greedy, first {eval_n} test prompts): {100 * accuracy['before']:.1f}% → "
+            f"{100 * accuracy['after']:.1f}%\n\n![held-out accuracy]({PLOTS}/accuracy.png)"
+        )
+    parts.append(parameter_section(records, summary, out_dir))
+    (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
+    return out_dir / "report.md"
