@@ -77,6 +77,43 @@ def _project(
     return out.to(D.dtype)
 
 
+class _RepeatedProjection(torch.autograd.Function):
+    """Pᵖ(D) with a backward that saves nothing but the bases: P is a symmetric linear map, so the gradient of
+    Pᵖ(D) is Pᵖ(grad). (Autograd through :func:`project` would keep every intermediate for the backward.)"""
+
+    @staticmethod
+    def forward(ctx, D, U, V, sides, passes):
+        ctx.save_for_backward(U, V)
+        ctx.sides, ctx.passes = sides, passes
+        return _repeat(D, U, V, sides, passes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        U, V = ctx.saved_tensors
+        return _repeat(grad, U, V, ctx.sides, ctx.passes), None, None, None, None
+
+
+def _repeat(D, U, V, sides, passes):
+    for _ in range(passes):
+        D = _project(D, U, V, sides, None)
+    return D
+
+
+def project_repeated(
+    D: torch.Tensor, U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str = "both", passes: int = 2
+) -> torch.Tensor:
+    """P applied ``passes`` times, differentiable at the memory cost of nothing but U, V.
+
+    In exact arithmetic P∘P = P; in fp32, bases are orthonormal only to ~1e-6 and one pass leaves
+    (I − UᵀU)UᵀD in the principal subspace, which a second pass squares ("twice is enough", Kahan–Parlett).
+    The adapter projects its factors with it.
+    """
+    check_sides(sides)
+    if torch.is_grad_enabled() and D.requires_grad:
+        return _RepeatedProjection.apply(D, U, V, sides, passes)
+    return _repeat(D, U, V, sides, passes)
+
+
 def project_list(
     Ds: Sequence[torch.Tensor],
     Us: Sequence[Optional[torch.Tensor]],

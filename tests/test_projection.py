@@ -72,3 +72,17 @@ def test_autograd_gradient_is_projected():
     G = torch.randn(12, 8, dtype=torch.float64)
     (project(D, U, V) * G).sum().backward()
     torch.testing.assert_close(D.grad, project(G, U, V))  # P is symmetric
+
+
+@pytest.mark.parametrize("sides", ["both", "left", "right"])
+def test_repeated_projection_gradient(sides):
+    from offprincipal.projection import project_repeated
+
+    U, V = _orthonormal(12, 3, 7), _orthonormal(8, 3, 8)
+    D = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(12, 8, dtype=torch.float64)
+    out = project_repeated(D, U, V, sides, passes=2)
+    torch.testing.assert_close(out, project(project(D, U, V, sides), U, V, sides))
+    (out * G).sum().backward()
+    torch.testing.assert_close(D.grad, project(project(G, U, V, sides), U, V, sides))
+    assert torch.autograd.gradcheck(lambda d: project_repeated(d, U, V, sides), (D.detach().clone().requires_grad_(),))
