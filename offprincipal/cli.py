@@ -35,7 +35,7 @@ METHODS = {
 }
 ADAPTER_METHODS = ("offprincipal", "lora")
 # Adapters take ~10× the full-parameter rate ("LoRA without regret"; notes/paper.md).
-DEFAULT_LR = {"offprincipal": 1e-4, "lora": 1e-4, "offprincipal-full": 1e-5, "full": 1e-5, "sft": 1e-5}
+DEFAULT_LR = {"offprincipal": 2e-4, "lora": 2e-4, "offprincipal-full": 2e-5, "full": 2e-5, "sft": 2e-5}
 EMBEDDED = "embedded"
 
 
@@ -321,56 +321,65 @@ def _summarize_rewards(records: list[dict], key: str = "reward") -> dict:
     return {f"{key}_first_fifth": sum(values[:fifth]) / fifth, f"{key}_last_fifth": sum(values[-fifth:]) / fifth}
 
 
-def cmd_train(args) -> None:
+def _run_facts(args, progress_records: list[dict], train_seconds: float, start: float, load_start) -> dict:
+    """The run's settings, timings, machine and reward summary, for report.md and summary.json."""
+    return {
+        "method": f"{args.method} — {METHODS[args.method]}", "task": args.task, "model": _describe_model(args.model),
+        "device": args.device, "bf16": str(args.bf16), "steps": args.steps, "learning rate": args.lr,
+        "rank": args.rank if args.method in ADAPTER_METHODS else "n/a", "top-k": args.top_k,
+        "num generations": args.num_generations, "prompts per step": args.prompts_per_step,
+        "max completion length": args.max_completion_length, "temperature": args.temperature, "seed": args.seed,
+        "train seconds": round(train_seconds, 1), "wall seconds": round(time.perf_counter() - start, 1),
+        "load average at start / end": f"{load_start} / {_load_average()}",
+        **{key: str(value) for key, value in _machine().items()}, **_summarize_rewards(progress_records),
+    }
+
+
+def _train_into(args, folder: Path, start: float) -> Path:
+    """The whole training job, written into ``folder``; returns the report's path."""
     from transformers import set_seed
 
     from .metrics import compare_weights, linear_weights
     from .report import write_train_report
     from .tasks import get_task
 
+    load_start = _load_average()
+    set_seed(args.seed)
+    model, tokenizer = _load(args.model, args.device)
+    _check_top_k(model, args.top_k)
+    task = get_task(args.task)
+    base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
+
+    def evaluate(m):
+        return _held_out_accuracy(m, tokenizer, task, args)
+
+    print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
+    accuracy = {"before": evaluate(model)}
+    print(f"held-out accuracy before: {_pct(accuracy['before'])}", file=sys.stderr)
+    callbacks = _callbacks(args, folder / "metrics.jsonl", evaluate)
+    trainer = _make_trainer(args, model, tokenizer, task, folder / "trainer", callbacks)
+    train_start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - train_start
+    shutil.rmtree(folder / "trainer", ignore_errors=True)  # the Trainer's scratch output_dir (save_strategy="no")
+    is_adapter = args.method in ADAPTER_METHODS
+    trainer.save_model(str(folder / ("adapter" if is_adapter else "model")))
+    tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
+    accuracy["after"] = evaluate(tuned)
+    print(f"held-out accuracy after: {_pct(accuracy['after'])}", file=sys.stderr)
+    records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.top_k)
+    progress = callbacks[-1].records
+    facts = _run_facts(args, progress, train_seconds, start, load_start)
+    return write_train_report(folder, facts, progress, accuracy, args.eval_n, records, summary)
+
+
+def cmd_train(args) -> None:
     start = time.perf_counter()
     args.device = _resolve_device(args.device)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     target = Path(args.output) if args.output else _default_output(f"{args.method}-{args.task}")
-    load_start = _load_average()
     with _atomic_dir(target) as tmp:
-        set_seed(args.seed)
-        model, tokenizer = _load(args.model, args.device)
-        _check_top_k(model, args.top_k)
-        task = get_task(args.task)
-        base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
-
-        def evaluate(m):
-            return _held_out_accuracy(m, tokenizer, task, args)
-
-        print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
-        accuracy = {"before": evaluate(model)}
-        print(f"held-out accuracy before: {_pct(accuracy['before'])}", file=sys.stderr)
-        callbacks = _callbacks(args, tmp / "metrics.jsonl", evaluate)
-        trainer = _make_trainer(args, model, tokenizer, task, tmp / "trainer", callbacks)
-        train_start = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - train_start
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the Trainer's scratch output_dir (save_strategy="no")
-        is_adapter = args.method in ADAPTER_METHODS
-        trainer.save_model(str(tmp / ("adapter" if is_adapter else "model")))
-        tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
-        accuracy["after"] = evaluate(tuned)
-        print(f"held-out accuracy after: {_pct(accuracy['after'])}", file=sys.stderr)
-        records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.top_k)
-        progress = callbacks[-1]
-        facts = {
-            "method": f"{args.method} — {METHODS[args.method]}", "task": args.task, "model": _describe_model(args.model),
-            "device": args.device, "bf16": str(args.bf16), "steps": args.steps, "learning rate": args.lr,
-            "rank": args.rank if is_adapter else "n/a", "top-k": args.top_k, "num generations": args.num_generations,
-            "prompts per step": args.prompts_per_step, "max completion length": args.max_completion_length,
-            "temperature": args.temperature,
-            "seed": args.seed, "train seconds": round(train_seconds, 1),
-            "wall seconds": round(time.perf_counter() - start, 1), "load average at start / end":
-            f"{load_start} / {_load_average()}", **{k: str(v) for k, v in _machine().items()},
-            **_summarize_rewards(progress.records),
-        }
-        report = write_train_report(tmp, facts, progress.records, accuracy, args.eval_n, records, summary)
+        report = _train_into(args, tmp, start)
     print(f"run folder: {target} (report: {target / report.name}; wall time {time.perf_counter() - start:.0f} s)")
 
 
@@ -494,7 +503,7 @@ def _add_train(sub) -> None:
     p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")
     p.add_argument("--model", default=None,
                    help=f"model folder, .gguf file or hub id (default: '{EMBEDDED}', SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=_positive_int, default=60, help="optimizer steps (default: 60)")
+    p.add_argument("--steps", type=_positive_int, default=32, help="optimizer steps (default: 32)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r, alpha = r (default: 16)")
@@ -507,8 +516,8 @@ def _add_train(sub) -> None:
     p.add_argument("--temperature", type=_positive_float, default=0.7,
                    help="sampling temperature of the GRPO completions (default: 0.7; at 1.0 the embedded model's "
                         "samples are rarely right, so rewards rarely vary within a group)")
-    p.add_argument("--eval-n", type=_non_negative_int, default=64,
-                   help="held-out prompts for the greedy accuracy before/after (0: skip; default: 64)")
+    p.add_argument("--eval-n", type=_non_negative_int, default=32,
+                   help="held-out prompts for the greedy accuracy before/after (0: skip; default: 32)")
     p.add_argument("--eval-every", type=_non_negative_int, default=0,
                    help="also evaluate held-out accuracy every N steps (default: 0, only before and after)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,

@@ -113,7 +113,7 @@ def plot_training_curve(log_records: Sequence[Mapping], path: Path) -> Optional[
         return None
     plt = _pyplot()
     steps, values = zip(*points)
-    window = max(1, len(values) // 10)
+    window = max(1, len(values) // 5)
     smooth = [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(steps, values, alpha=0.35, marker=".", label=key)

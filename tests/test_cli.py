@@ -56,7 +56,7 @@ def tiny_args(model_dir, output, method="offprincipal", steps=2, **overrides):
     options = {
         "--method": method, "--model": model_dir, "--task": "digits", "--steps": steps, "--num-generations": 4,
         "--max-completion-length": 6, "--eval-n": 4, "--top-k": TOP_K, "--rank": 4, "--device": "cpu",
-        "--lr": 1e-2 if method in ("offprincipal", "lora") else 1e-3, "--output": output, **overrides,
+        "--lr": 1e-2 if method in ("offprincipal", "lora") else 1e-3, "--eval-every": 2, "--output": output, **overrides,
     }
     return ["train", "--no-bf16"] + [str(x) for kv in options.items() for x in kv if kv[1] is not None]
 
@@ -97,6 +97,7 @@ def assert_complete_run(folder: Path, weights: str, steps: int = 2, reward: bool
     records = [strict_json(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(("reward" in r) == reward and "loss" in r and "step_time" in r for r in records)
+    assert ["eval/accuracy" in r for r in records] == [step % 2 == 0 for step in range(1, steps + 1)]  # --eval-every 2
     summary = strict_json((folder / "summary.json").read_text())
     assert set(summary) == {"run", "accuracy", "parameter_metrics"}
     assert all(0.0 <= summary["accuracy"][when] <= 1.0 for when in ("before", "after"))
