@@ -2,9 +2,9 @@
 
 Every arm runs in its own fresh subprocess (so peak memory is its own), and the arms are interleaved over
 ``--rounds`` rounds (A B C A B C …) so that a change of machine load hits them alike; the table reports
-medians and ratios to LoRA side by side. Memory is the peak resident set size (``ru_maxrss``) of the
-worker minus its RSS after the model is loaded (the step's own memory: activations, gradients, optimizer
-state, adapter weights). Also times the principal-subspace precompute for the whole model (cache off).
+medians and ratios to LoRA side by side. Memory is the peak resident set size of the worker during the
+training steps (``VmHWM``, reset after the adapter is attached) minus its RSS before the first step: the
+step's own memory (activations, gradients, optimizer state). Also times the principal-subspace precompute for the whole model (cache off).
 
     .venv/bin/python benchmarks/adapter_step.py --out benchmarks/results/adapter_step_cpu.md
 """
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,12 +29,19 @@ ARMS = ("lora", "offprincipal", "osf")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last reset) in MB (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS (Linux ≥ 4.0: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peft_config(arm: str, rank: int, top_k: int):
@@ -62,10 +68,11 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
     model, _ = load_model(dtype=dtype)
-    rss_loaded = rss_mb()
     t0 = time.perf_counter()
     model = get_peft_model(model, peft_config(args.arm, args.rank, args.top_k))
     setup_s = time.perf_counter() - t0
+    reset_peak_rss()  # the step's memory only (not the one-off SVDs of get_peft_model)
+    rss_ready = status_mb("VmRSS")
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -79,8 +86,7 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": times, "step_mem_mb": peak - rss_loaded, "setup_s": setup_s, "trainable": trainable}
+    return {"step_s": times, "step_mem_mb": status_mb("VmHWM") - rss_ready, "setup_s": setup_s, "trainable": trainable}
 
 
 def precompute_worker(args) -> dict:
@@ -172,7 +178,7 @@ def main() -> None:
         f"Machine: {machine(args.threads)}. Command: `{' '.join(['benchmarks/adapter_step.py', *sys.argv[1:]])}`.",
         f"Batch {args.batch}×{args.seq} tokens, rank {args.rank} (OffPrincipal top_k {args.top_k}; OSF with PEFT's "
         f"default effective_rank = 50% of min(m, n)), AdamW; median over {args.rounds} interleaved rounds × "
-        f"{args.steps} steps (after {args.warmup} warm-up). Memory = peak RSS − RSS after loading the model.",
+        f"{args.steps} steps (after {args.warmup} warm-up). Memory = peak RSS during the steps − RSS before them.",
         "",
         "| dtype | method | trainable params | step (s) | step / LoRA | step memory (MB) | memory / LoRA |",
         "|---|---|---:|---:|---:|---:|---:|",

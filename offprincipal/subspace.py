@@ -239,7 +239,7 @@ def compute_subspaces(
     method: str = "exact",
     cache_dir: Union[str, os.PathLike, None, bool] = None,
     progress: bool = True,
-    batch_exact: bool = True,
+    batch_exact: bool = False,
     batch_size: int = 16,
     oversample: int = DEFAULT_OVERSAMPLE,
     niter: int = DEFAULT_NITER,
@@ -248,10 +248,11 @@ def compute_subspaces(
     """Top-k bases of every weight in ``weights`` (name → 2-D tensor in (out, in) orientation).
 
     ``cache_dir``: ``None`` uses :func:`default_cache_dir`, ``False`` disables the cache. Cache hits skip the
-    SVD; misses are computed, stored, and timed. With ``batch_exact`` (default) the exact SVDs of equal-shape
-    weights run as batched ``torch.linalg.svd`` calls of up to ``batch_size`` matrices (2-core CPU, 10 random
-    weights: 576×576 in 5.5 s batched vs 14.3 s one by one; 1536×576 in 10.8 s vs 11.6 s). Bases are returned on
-    each weight's device.
+    SVD; misses are computed, stored, and timed. With ``batch_exact`` the exact SVDs of equal-shape weights run
+    as batched ``torch.linalg.svd`` calls of up to ``batch_size`` matrices. Off by default: on the shared 2-core
+    CPU it was sometimes faster (10 random 576×576: 5.5 s vs 14.3 s one by one) and sometimes far slower (21 of
+    SmolLM2's weights: 80 s and 12.9 s batched vs 34 s and 34 s one by one; all 210: 359 s batched vs 20.5 s
+    one by one in benchmarks/results/subspaces_smollm2_cpu.md). Bases are returned on each weight's device.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
