@@ -64,6 +64,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -510,7 +517,9 @@ def _add_train(sub) -> None:
     p.add_argument("--top-k", type=_positive_int, default=32,
                    help="protected principal subspace per weight, also the k of the report's angles (default: 32)")
     p.add_argument("--num-generations", type=_positive_int, default=8, help="completions per prompt (default: 8)")
-    p.add_argument("--prompts-per-step", type=_positive_int, default=1, help="prompts per optimizer step (default: 1)")
+    p.add_argument("--prompts-per-step", type=_positive_int, default=1,
+                   help="prompts per optimizer step (default: 1); sft trains on num-generations × prompts-per-step "
+                        "examples per step, the same number of sequences as GRPO")
     p.add_argument("--max-completion-length", type=_positive_int, default=48,
                    help="completion budget in tokens, for training and evaluation (default: 48)")
     p.add_argument("--temperature", type=_positive_float, default=0.7,
@@ -538,7 +547,8 @@ def _add_analyze(sub) -> None:
     p.add_argument("tuned", metavar="TUNED",
                    help="tuned model folder, adapter folder (merged onto BASE) or run folder of `offprincipal train`")
     p.add_argument("--top-k", type=_positive_int, default=64, help="k of the principal subspaces (default: 64)")
-    p.add_argument("--alpha", type=float, default=0.5, help="density of the principal/low-magnitude masks (0.5)")
+    p.add_argument("--alpha", type=_fraction, default=0.5,
+                   help="density of the principal-weight and low-magnitude masks, in (0, 1) (default: 0.5)")
     p.add_argument("--output", default=None, help="report folder to create (default: runs/analyze-<time>)")
     p.set_defaults(func=cmd_analyze)
 

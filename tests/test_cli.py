@@ -266,6 +266,7 @@ def test_analyze_bad_input(tiny_dir, tmp_path, capsys):
                       "TUNED", "does not match BASE")
     assert_user_error(capsys, ["analyze", str(tiny_dir), str(tiny_dir), "--top-k", "48", "--output", str(tmp_path / "a")],
                       "--top-k 48")
+    assert_user_error(capsys, ["analyze", str(tiny_dir), str(tiny_dir), "--alpha", "1.5"], "--alpha", "(0, 1)")
     assert no_run_folder(tmp_path / "a")
 
 
