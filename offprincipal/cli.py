@@ -270,9 +270,9 @@ def _callbacks(args, metrics_path: Path, evaluate):
     from transformers import TrainerCallback
 
     from .report import to_json
-    from .trainer import OffPrincipalCallback, OffPrincipalDiagnosticsCallback, _DiagnosticsLogging
+    from .trainer import OffPrincipalCallback, OffPrincipalDiagnosticsCallback, PeriodicLogsCallback
 
-    class HeldOutAccuracy(_DiagnosticsLogging):
+    class HeldOutAccuracy(PeriodicLogsCallback):
         """Greedy held-out accuracy every ``--eval-every`` steps, logged as ``eval/accuracy``."""
 
         def diagnostics(self, model):

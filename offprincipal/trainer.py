@@ -106,8 +106,9 @@ class PrincipalBlocks:
         return worst
 
 
-class _DiagnosticsLogging(TrainerCallback):
-    """Computes diagnostics at the optimizer steps due for them and adds them to the next log."""
+class PeriodicLogsCallback(TrainerCallback):
+    """Base of callbacks that compute values every ``log_every`` optimizer steps (``diagnostics(model)``, to
+    override) and add them to the next log (``logs`` and ``state.log_history``)."""
 
     def __init__(self, log_every: int):
         if log_every < 0:
@@ -131,7 +132,7 @@ class _DiagnosticsLogging(TrainerCallback):
             self._pending = {}
 
 
-class OffPrincipalDiagnosticsCallback(_DiagnosticsLogging):
+class OffPrincipalDiagnosticsCallback(PeriodicLogsCallback):
     """Live diagnostics of an OffPrincipal adapter (``GRPOTrainer(peft_config=OffPrincipalConfig(...))``)."""
 
     def __init__(self, log_every: int = 10, adapter_name: str = "default"):
@@ -158,7 +159,7 @@ def _saved_optimizer_metadata(args, state) -> Optional[dict]:
     return torch.load(path, map_location="cpu", weights_only=True).get("offprincipal")
 
 
-class OffPrincipalCallback(_DiagnosticsLogging):
+class OffPrincipalCallback(PeriodicLogsCallback):
     """Turns full-parameter training in any Trainer into off-principal training (see the module doc).
 
     Args: ``top_k``, ``top_k_pattern``, ``sides``, ``exclude``, ``svd_method``, ``cache_dir``, ``master_weights``
