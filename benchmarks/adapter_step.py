@@ -199,10 +199,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        from offprincipal.report import write_text_atomic
+
+        write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main() -> None:
 
     from offprincipal import OffPrincipalAdamW, OffPrincipalConfig
     from offprincipal.models import load_model
+    from offprincipal.report import write_text_atomic
     from offprincipal.trainer import AdapterDiagnostics, PrincipalBlocks
 
     ids = torch.randint(100, 40000, (8, 96), generator=torch.Generator().manual_seed(0))
@@ -85,10 +86,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":

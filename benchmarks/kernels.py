@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 
 from offprincipal.optim import OffPrincipalAdamW
 from offprincipal.projection import principal_leak, project, project_
+from offprincipal.report import describe_device, write_text_atomic
 
 LLAMA7B_BLOCK = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
                  ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]
@@ -231,11 +231,6 @@ def storage_leak(shape=(576, 1536), k=32, steps=200) -> list[str]:
 # --- main -------------------------------------------------------------------------------------------------------
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (load average {load:.1f} at start), no GPU"
 
 
 def main(argv=None) -> int:
@@ -263,7 +258,7 @@ def main(argv=None) -> int:
     shapes = block_shapes(scale)
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     triton_ok = device == "cuda" or (interpreted and args.smoke)
-    name = device_name(device)
+    name = describe_device(device)
     print(f"device: {name}; shapes: {[(m, n) for _, m, n in shapes]}; k: {ks}", flush=True)
 
     out = [f"# Kernel benchmark on {name}", "",
@@ -299,8 +294,7 @@ def main(argv=None) -> int:
     print(report)
     path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels_{'smoke' if args.smoke else device}.md"
     if not args.smoke or args.out:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report + "\n")
+        write_text_atomic(path, report + "\n")
         print(f"wrote {path}")
     return 0
 

@@ -20,8 +20,6 @@ Captured energy = ‖U_kᵀ W V_k‖_F² / Σ_{i≤k} σ_i² (1.0 = exact), see 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 
 from offprincipal.subspace import DEFAULT_NITER, DEFAULT_OVERSAMPLE, captured_energy, compute_subspaces
+from offprincipal.report import describe_device, write_text_atomic
 
 LLAMA7B_LAYER = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
                  ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]
@@ -88,11 +87,6 @@ def energies(weights, subs, names) -> list[float]:
     return [captured_energy(weights[name], subs[name]) for name in names]
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (load average {load:.1f} at start), no GPU"
 
 
 def main(argv=None) -> int:
@@ -134,7 +128,7 @@ def main(argv=None) -> int:
         quality_names = list(weights)
     randomized = [("randomized", *(int(x) for x in pair.split(":"))) for pair in pairs.split(",")]
     methods = ([] if model_name == "llama7b" else [("exact", 0, 0), ("exact-batched", 0, 0)]) + randomized
-    name = device_name(device)
+    name = describe_device(device)
     print(f"{source}: {len(weights)} matrices on {name}", flush=True)
 
     rows = ["| k | method | total s | ms / matrix | captured energy: min | median |", "|---|---|---|---|---|---|"]
@@ -164,8 +158,7 @@ def main(argv=None) -> int:
     print(report)
     tag = f"{model_name}_{'cuda' if device == 'cuda' else 'cpu'}"
     path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"subspaces_{tag}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report + "\n")
+    write_text_atomic(path, report + "\n")
     print(f"wrote {path}")
     return 0
 

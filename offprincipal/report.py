@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -237,6 +239,26 @@ def to_json(data: Mapping, indent: Optional[int] = None) -> str:
 def write_json(path: Path, data: Mapping) -> None:
     """Pretty, strict JSON file."""
     Path(path).write_text(to_json(data, indent=2) + "\n")
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename: the file is complete or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def describe_device(device: str) -> str:
+    """The machine a result was measured on: the GPU's name, or the CPU with its core count and load."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (load average {load:.1f} at start), no GPU"
 
 
 def _nan_to_none(value):
