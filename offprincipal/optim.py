@@ -500,6 +500,11 @@ def _named_params(param_groups: list[dict], owner: str) -> dict[str, torch.Tenso
 # OffPrincipalOptimizer: any base optimizer
 
 
+def _delegated(attr: str) -> property:
+    """A property read from and written to the wrapped optimizer's attribute of the same name."""
+    return property(lambda self: getattr(self.optimizer, attr), lambda self, value: setattr(self.optimizer, attr, value))
+
+
 class OffPrincipalOptimizer(torch.optim.Optimizer):
     """Makes the update of any torch optimizer exact off-principal: after the base step,
     ``W ← W_before − P(W_before − W_after)`` for every projected weight.
@@ -599,29 +604,9 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
         self._handles = []
 
     # delegation to the base optimizer
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
 
     def step(self, closure=None):
         return self.optimizer.step(closure)
