@@ -285,3 +285,34 @@ def test_registration_is_idempotent():
     importlib.reload(tuner)
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.OFFPRINCIPAL] == "offprincipal_"
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.OFFPRINCIPAL].__name__ == "OffPrincipalConfig"
+
+
+def test_no_grad_factor_cache_follows_parameter_changes():
+    """Generation reuses the projected factors; any optimizer step, reload or re-added adapter refreshes them."""
+    batch = tiny_batch()
+    peft_model = get_peft_model(make_tiny_model("llama"), cfg())
+    train_steps(peft_model, batch, steps=2)
+    _, layer = offprincipal_layers(peft_model)[0]
+    with torch.no_grad():
+        cached = layer.effective_factors("default")
+        assert layer.effective_factors("default")[0] is cached[0]  # reused
+        fresh = layer._project_factors(
+            layer.offprincipal_A["default"].weight, layer.offprincipal_B["default"].weight,
+            layer.offprincipal_U["default"], layer.offprincipal_V["default"],
+        )
+    assert torch.equal(cached[0], fresh[0]) and torch.equal(cached[1], fresh[1])
+    out = logits(peft_model, batch)
+    train_steps(peft_model, batch, steps=1)  # in-place optimizer update: the cache must not be used
+    with torch.no_grad():
+        assert not torch.equal(layer.effective_factors("default")[1], cached[1])
+    assert not torch.equal(logits(peft_model, batch), out)
+    peft_model.train()
+    with torch.enable_grad():  # training forwards never use the cache
+        assert layer.effective_factors("default")[0].requires_grad
+    second = get_peft_model(make_tiny_model("llama"), cfg(), adapter_name="first")
+    second.add_adapter("second", cfg())
+    _, l2 = offprincipal_layers(second)[0]
+    with torch.no_grad():
+        l2.effective_factors("second")
+    second.delete_adapter("second")
+    assert "second" not in l2._factor_cache

@@ -47,6 +47,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
+        self._factor_cache: dict[str, tuple] = {}  # scratch, not state: a plain dict is never saved
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -74,6 +75,7 @@ class OffPrincipalLayer(BaseTunerLayer):
                 f"subspace shape {subspace.shape} does not match the layer's (out, in) = "
                 f"({self.out_features}, {self.in_features})"
             )
+        self._factor_cache.pop(adapter_name, None)
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / r
@@ -110,11 +112,28 @@ class OffPrincipalLayer(BaseTunerLayer):
             getattr(self, n)[adapter_name] = basis.to(device=getattr(self, n)[adapter_name].device)
 
     def effective_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Ã, B̃): the factors after projection, in the factors' dtype; ΔW = scaling · B̃ Ã."""
+        """(Ã, B̃): the factors after projection, in the factors' dtype; ΔW = scaling · B̃ Ã.
+
+        Outside autograd (generation, evaluation, merging) the projected factors are cached until A, B or the
+        bases change (their version counters and storage are the key): generation would otherwise re-project
+        them for every token (SmolLM2, 8×48 greedy tokens: 19.0 s uncached vs LoRA's 8.1 s). Writes through
+        ``.data`` bypass version counters; call :meth:`clear_factor_cache` after such a write.
+        """
         A = self.offprincipal_A[adapter_name].weight
         B = self.offprincipal_B[adapter_name].weight
         U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
         V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
+        if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+            return self._project_factors(A, B, U, V)
+        key = tuple((t._version, t.data_ptr(), t.device) if t is not None else None for t in (A, B, U, V))
+        cached = self._factor_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._factor_cache[adapter_name] = (key, self._project_factors(A, B, U, V))
+        return cached[1]
+
+    @staticmethod
+    def _project_factors(A, B, U, V) -> tuple[torch.Tensor, torch.Tensor]:
         # Two passes (measured on a tiny Llama after 200 AdamW steps at lr 3e-2: worst leak 2.9e-7 with one
         # pass, 5.2e-8 with two); the backward keeps nothing but U, V.
         if V is not None:
@@ -122,6 +141,14 @@ class OffPrincipalLayer(BaseTunerLayer):
         if U is not None:
             B = project_repeated(B, U, None, "left", passes=2)
         return A, B
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._factor_cache.pop(adapter_name, None)
+
+    def clear_factor_cache(self) -> None:
+        """Forget the projected factors cached for no-grad forwards (see :meth:`effective_factors`)."""
+        self._factor_cache.clear()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the orientation of the base layer's weight ((out, in); (in, out) for Conv1D), fp32 math."""
