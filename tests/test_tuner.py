@@ -316,3 +316,26 @@ def test_no_grad_factor_cache_follows_parameter_changes():
         l2.effective_factors("second")
     second.delete_adapter("second")
     assert "second" not in l2._factor_cache
+
+
+def test_factor_cache_is_fresh_after_fused_adamw_steps():
+    """Fused optimizers update parameters without bumping their version counters: the cache must not rely on
+    them alone (a grad-enabled forward drops it)."""
+    batch = tiny_batch()
+    peft_model = get_peft_model(make_tiny_model("llama"), cfg())
+    _, layer = offprincipal_layers(peft_model)[0]
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    for _ in range(3):
+        with torch.no_grad():
+            layer.effective_factors("default")  # e.g. generation before the policy update
+        peft_model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            cached = layer.effective_factors("default")
+            fresh = layer._project_factors(
+                layer.offprincipal_A["default"].weight, layer.offprincipal_B["default"].weight,
+                layer.offprincipal_U["default"], layer.offprincipal_V["default"],
+            )
+        assert torch.equal(cached[1], fresh[1]) and torch.equal(cached[0], fresh[0])
+    assert max_principal_leak(peft_model) > 0  # B moved

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 from peft.tuners._buffer_dict import BufferDict
@@ -23,6 +25,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..projection import principal_leak, project_repeated, uses_left, uses_right
 from ..subspace import Subspace, minor_right_directions, weight_matrix
+
+
+_CACHING_LAYERS: "weakref.WeakSet[OffPrincipalLayer]" = weakref.WeakSet()
+
+
+def _drop_factor_caches(optimizer, args, kwargs) -> None:
+    """Global ``torch.optim`` step post-hook: parameters may have changed, so no cached projection is valid."""
+    for layer in list(_CACHING_LAYERS):
+        layer.clear_factor_cache()
+    _CACHING_LAYERS.clear()
+
+
+register_optimizer_step_post_hook(_drop_factor_caches)
 
 
 class OffPrincipalLayer(BaseTunerLayer):
@@ -114,22 +129,26 @@ class OffPrincipalLayer(BaseTunerLayer):
     def effective_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(Ã, B̃): the factors after projection, in the factors' dtype; ΔW = scaling · B̃ Ã.
 
-        Outside autograd (generation, evaluation, merging) the projected factors are cached until A, B or the
-        bases change (their version counters and storage are the key): generation would otherwise re-project
-        them for every token (SmolLM2, 8×48 greedy tokens: 19.0 s uncached vs LoRA's 8.1 s). Writes through
-        ``.data`` bypass version counters; call :meth:`clear_factor_cache` after such a write.
+        Outside autograd (generation, evaluation, merging) the projected factors are cached: generation would
+        otherwise re-project them for every token (SmolLM2, 8×48 greedy tokens: 19.0 s uncached vs LoRA's
+        8.1 s). The cache is dropped by every grad-enabled forward and after every ``torch.optim`` step (a
+        global step hook: fused optimizers do not bump version counters), and keyed on the tensors' version
+        counters and storage (reloads, moves, in-place edits). A write through ``.data`` outside an optimizer
+        step needs :meth:`clear_factor_cache`.
         """
         A = self.offprincipal_A[adapter_name].weight
         B = self.offprincipal_B[adapter_name].weight
         U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
         V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
         if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+            self._factor_cache.pop(adapter_name, None)  # training: the parameters are about to change
             return self._project_factors(A, B, U, V)
         key = tuple((t._version, t.data_ptr(), t.device) if t is not None else None for t in (A, B, U, V))
         cached = self._factor_cache.get(adapter_name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = self._factor_cache[adapter_name] = (key, self._project_factors(A, B, U, V))
+            _CACHING_LAYERS.add(self)
         return cached[1]
 
     @staticmethod
