@@ -28,6 +28,15 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: fastest for tiny matrices (and under the Triton interpreter), kind to a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CHARS = list("0123456789+-*=?:. abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,!\n")
 
 

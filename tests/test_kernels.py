@@ -55,13 +55,7 @@ else:
         V = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q.float()
         return U.to(DEVICE), V.to(DEVICE)
 
-    @pytest.fixture(autouse=True)
-    def _one_thread():
-        """Small matrices: one torch thread is fastest under the interpreter and kind to a shared CPU."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
+    pytestmark = pytest.mark.usefixtures("one_thread")
 
     def assert_within(actual, expected, bound, what):
         """Elementwise |actual − expected| ≤ bound (a tensor or number); the message names the worst index."""
