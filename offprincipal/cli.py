@@ -30,12 +30,24 @@ METHODS = {
     "offprincipal": "OffPrincipal adapter (PEFT): low-rank update kept off the top-k principal directions",
     "offprincipal-full": "full-parameter training with OffPrincipalAdamW (the OffPrincipalCallback)",
     "lora": "PEFT LoRA with the same rank and target modules (baseline)",
+    "dora": "PEFT LoRA with use_dora=True (weight-decomposed LoRA; baseline)",
+    "pissa": "PEFT LoRA with init_lora_weights='pissa' (trains the top-r principal directions; baseline)",
+    "mica": "PEFT LoRA with init_lora_weights='mica' (B on minor left singular vectors; baseline)",
+    "osf": "PEFT OSF: the top-k singular directions frozen, the rest trained at full rank (baseline)",
     "full": "plain full-parameter training with AdamW (baseline)",
+    "sparse-principal": "full-parameter training restricted to the top-50% principal weights (|rank-k W0|)",
+    "sparse-safe": "full-parameter training restricted to the 'safe' mask: low-magnitude ∪ non-principal weights",
+    "sparse-random": "full-parameter training restricted to a random mask of the safe mask's density",
     "sft": "full-parameter supervised fine-tuning on the task's correct answers (TRL SFTTrainer; no RL)",
 }
-ADAPTER_METHODS = ("offprincipal", "lora")
-# Adapters take ~10× the full-parameter rate ("LoRA without regret"; notes/paper.md).
-DEFAULT_LR = {"offprincipal": 2e-4, "lora": 2e-4, "offprincipal-full": 2e-5, "full": 2e-5, "sft": 2e-5}
+LORA_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"},
+                 "mica": {"init_lora_weights": "mica"}}
+ADAPTER_METHODS = ("offprincipal", *LORA_VARIANTS, "osf")
+SPARSE_METHODS = {"sparse-principal": "principal", "sparse-safe": "safe", "sparse-random": "random"}
+# Adapters take ~10× the full-parameter rate ("LoRA without regret"; notes/paper.md); OSF trains full-rank blocks
+# and sparse FT is full FT on fewer entries, so both take the full-parameter rate.
+DEFAULT_LR = {method: 2e-4 for method in ("offprincipal", *LORA_VARIANTS)}
+DEFAULT_LR.update({method: 2e-5 for method in METHODS if method not in DEFAULT_LR})
 EMBEDDED = "embedded"
 
 
@@ -197,15 +209,21 @@ def _held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
 
 
 def _peft_config(args):
-    """The adapter config of ``--method`` (None for the full-parameter methods)."""
+    """The adapter config of ``--method`` (None for the full-parameter methods): rank r, alpha = r, all linear
+    layers for every adapter; OSF freezes the same top-k directions that OffPrincipal protects."""
     if args.method == "offprincipal":
         from .tuner import OffPrincipalConfig
 
         return OffPrincipalConfig(r=args.rank, alpha=args.rank, top_k=args.top_k, target_modules="all-linear")
-    if args.method == "lora":
+    if args.method in LORA_VARIANTS:
         from peft import LoraConfig
 
-        return LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear", task_type="CAUSAL_LM")
+        return LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear", task_type="CAUSAL_LM",
+                          **LORA_VARIANTS[args.method])
+    if args.method == "osf":
+        from peft import OSFConfig
+
+        return OSFConfig(effective_rank=args.top_k, target_modules="all-linear", task_type="CAUSAL_LM")
     return None
 
 
@@ -314,9 +332,35 @@ def _callbacks(args, metrics_path: Path, evaluate):
         callbacks.append(OffPrincipalDiagnosticsCallback(log_every=1))
     elif args.method == "offprincipal-full":
         callbacks.append(OffPrincipalCallback(top_k=args.top_k, log_every=1))
+    elif args.method in SPARSE_METHODS:
+        from .sparse import SparseMaskCallback
+
+        callbacks.append(SparseMaskCallback(SPARSE_METHODS[args.method], top_k=args.top_k))
     if args.eval_every and args.eval_n:
         callbacks.append(HeldOutAccuracy(args.eval_every))
     return callbacks + [Progress()]
+
+
+def _peak_memory_mb(device: str) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, else the process's peak resident set (model, data and optimizer
+    state, plus the fp32 copy of the base weights kept for the parameter metrics, the same for every method)."""
+    import torch
+
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def _trainable(model, callbacks) -> int:
+    """Parameters the optimizer can change (for sparse masks, the masks' entries plus the unmasked parameters)."""
+    from .sparse import SparseMaskCallback
+
+    for callback in callbacks:
+        if isinstance(callback, SparseMaskCallback):
+            return callback.trainable_entries(model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _summarize_rewards(records: list[dict], key: str = "reward") -> dict:
@@ -333,7 +377,8 @@ def _run_facts(args, progress_records: list[dict], train_seconds: float, start: 
     return {
         "method": f"{args.method} — {METHODS[args.method]}", "task": args.task, "model": _describe_model(args.model),
         "device": args.device, "bf16": str(args.bf16), "steps": args.steps, "learning rate": args.lr,
-        "rank": args.rank if args.method in ADAPTER_METHODS else "n/a", "top-k": args.top_k,
+        "rank": args.rank if args.method in ("offprincipal", *LORA_VARIANTS) else "n/a", "top-k": args.top_k,
+        "metrics k": args.metrics_k,
         "num generations": args.num_generations, "prompts per step": args.prompts_per_step,
         "max completion length": args.max_completion_length, "temperature": args.temperature, "seed": args.seed,
         "train seconds": round(train_seconds, 1), "wall seconds": round(time.perf_counter() - start, 1),
@@ -354,29 +399,38 @@ def _train_into(args, folder: Path, start: float) -> Path:
     set_seed(args.seed)
     model, tokenizer = _load(args.model, args.device)
     _check_top_k(model, args.top_k)
+    _check_top_k(model, args.metrics_k, "--metrics-k")
     task = get_task(args.task)
     base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
 
     def evaluate(m):
         return _held_out_accuracy(m, tokenizer, task, args)
 
-    print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
-    accuracy = {"before": evaluate(model)}
-    print(f"held-out accuracy before: {_pct(accuracy['before'])}", file=sys.stderr)
+    accuracy = {"before": None}
+    if args.eval_before:
+        print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
+        accuracy["before"] = evaluate(model)
+        print(f"held-out accuracy before: {_pct(accuracy['before'])}", file=sys.stderr)
     callbacks = _callbacks(args, folder / "metrics.jsonl", evaluate)
     trainer = _make_trainer(args, model, tokenizer, task, folder / "trainer", callbacks)
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
+    memory = {"peak memory MB": _peak_memory_mb(args.device), "trainable params": _trainable(trainer.model, callbacks)}
     shutil.rmtree(folder / "trainer", ignore_errors=True)  # the Trainer's scratch output_dir (save_strategy="no")
     is_adapter = args.method in ADAPTER_METHODS
-    trainer.save_model(str(folder / ("adapter" if is_adapter else "model")))
-    tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
+    if args.method == "pissa":  # its adapter is relative to rewritten (residual) base weights: save the merged model
+        tuned = trainer.model.merge_and_unload()
+        tuned.save_pretrained(str(folder / "model"))
+        tokenizer.save_pretrained(str(folder / "model"))
+    else:
+        trainer.save_model(str(folder / ("adapter" if is_adapter else "model")))
+        tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
     accuracy["after"] = evaluate(tuned)
     print(f"held-out accuracy after: {_pct(accuracy['after'])}", file=sys.stderr)
-    records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.top_k)
+    records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.metrics_k)
     progress = callbacks[-1].records
-    facts = _run_facts(args, progress, train_seconds, start, load_start)
+    facts = {**_run_facts(args, progress, train_seconds, start, load_start), **memory}
     return write_train_report(folder, facts, progress, accuracy, args.eval_n, records, summary)
 
 
@@ -384,6 +438,7 @@ def cmd_train(args) -> None:
     start = time.perf_counter()
     args.device = _resolve_device(args.device)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    args.metrics_k = args.metrics_k or args.top_k
     target = Path(args.output) if args.output else _default_output(f"{args.method}-{args.task}")
     with _atomic_dir(target) as tmp:
         report = _train_into(args, tmp, start)
@@ -516,6 +571,9 @@ def _add_train(sub) -> None:
     p.add_argument("--rank", type=_positive_int, default=16, help="adapter rank r, alpha = r (default: 16)")
     p.add_argument("--top-k", type=_positive_int, default=32,
                    help="protected principal subspace per weight, also the k of the report's angles (default: 32)")
+    p.add_argument("--metrics-k", type=_positive_int, default=None,
+                   help="k of the report's principal angles, drift and masks (default: --top-k; a benchmark fixes it "
+                        "so that runs with different --top-k compare)")
     p.add_argument("--num-generations", type=_positive_int, default=8, help="completions per prompt (default: 8)")
     p.add_argument("--prompts-per-step", type=_positive_int, default=1,
                    help="prompts per optimizer step (default: 1); sft trains on num-generations × prompts-per-step "
@@ -527,6 +585,9 @@ def _add_train(sub) -> None:
                         "samples are rarely right, so rewards rarely vary within a group)")
     p.add_argument("--eval-n", type=_non_negative_int, default=32,
                    help="held-out prompts for the greedy accuracy before/after (0: skip; default: 32)")
+    p.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate held-out accuracy before training (default: on; a benchmark measures the base "
+                        "model once and passes --no-eval-before)")
     p.add_argument("--eval-every", type=_non_negative_int, default=0,
                    help="also evaluate held-out accuracy every N steps (default: 0, only before and after)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,

@@ -153,12 +153,38 @@ def test_train_offprincipal_full(run):
         assert max(principal_leak(delta, subspace.U, subspace.V)) <= 1e-5, name
 
 
-@pytest.mark.parametrize("method,weights", [("lora", "adapter"), ("full", "model")])
+@pytest.mark.parametrize("method,weights", [
+    ("lora", "adapter"), ("dora", "adapter"), ("pissa", "model"), ("mica", "adapter"), ("osf", "adapter"),
+    ("full", "model"), ("sparse-safe", "model"),
+])
 def test_train_baselines(run, method, weights):
     folder = run(method)
-    assert_complete_run(folder, weights)
+    _, summary = assert_complete_run(folder, weights)
     assert all(r["update_sparsity"] < 1 for r in layer_records(folder))
-    assert max(max(r["leak_left"], r["leak_right"]) for r in layer_records(folder)) > 1e-3  # not off-principal
+    if method != "osf":  # OSF keeps the top-k singular directions frozen: its update is off-principal too
+        assert max(max(r["leak_left"], r["leak_right"]) for r in layer_records(folder)) > 1e-3
+    assert 0 < summary["run"]["trainable params"] and summary["run"]["peak memory MB"] > 0
+
+
+@pytest.mark.parametrize("kind", ["principal", "safe", "random"])
+def test_train_sparse_masks(run, tiny_dir, kind):
+    """Entries outside the fixed mask keep their base value bit for bit; the mask has the documented density."""
+    from offprincipal.sparse import sparse_masks
+
+    folder = run(f"sparse-{kind}")
+    _, summary = assert_complete_run(folder, "model")
+    base = linear_weights(make_tiny_model("llama"))
+    masks = sparse_masks(base, kind, TOP_K, progress=False)
+    tuned = load_file(folder / "model" / "model.safetensors")
+    for name, weight in base.items():
+        changed = tuned[f"{name}.weight"] != weight
+        assert changed.any(), f"{name} did not train"
+        assert not (changed & ~masks[name]).any(), f"{name}: a masked entry moved"
+    density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert density == pytest.approx(0.5, abs=1e-3) if kind == "principal" else 0.6 < density < 0.9
+    full = sum(p.numel() for p in make_tiny_model("llama").parameters())
+    masked_out = sum(int((~m).sum()) for m in masks.values())
+    assert summary["run"]["trainable params"] == full - masked_out
 
 
 def test_train_sft(run):
