@@ -1,0 +1,370 @@
+"""The report of an RLVR benchmark suite: ``report.md`` and plots from the per-run JSON records.
+
+``benchmarks/rlvr.py`` writes one record per finished run into ``benchmarks/results/<suite>/records/``; this script
+turns them into ``benchmarks/results/<suite>/report.md`` (settings, one table row per arm with mean ± standard error
+over seeds, the learning-rate sweep, plots under ``plots/``, and a "Reading" section of pairwise comparisons computed
+from the numbers). Hand-written prose goes in ``<suite>/notes.md``; it is appended under "## Notes".
+
+    .venv/bin/python benchmarks/rlvr_report.py benchmarks/results/<suite>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from offprincipal.report import PLOTS, _pyplot, _table, write_text_atomic  # noqa: E402
+
+ARM_ORDER = ["full", "full-offprincipal", "offprincipal", "lora", "dora", "pissa", "mica", "osf",
+             "sparse-principal", "sparse-safe", "sparse-random", "sft"]
+METRICS = {
+    "accuracy_after": "held-out accuracy", "accuracy_delta": "Δ accuracy", "reward_first": "reward (first fifth)",
+    "reward_last": "reward (last fifth)", "step_time_s": "step time (s)", "peak_mem_mb": "peak memory (MB)",
+    "trainable_params": "trainable params", "nss_mean": "NSS", "max_angle_mean": "max angle (°)",
+    "bf16_sparsity": "bf16 sparsity", "overlap_principal": "overlap principal", "overlap_lowmag": "overlap low-mag",
+    "leak": "principal leak",
+}
+PERCENT = {"accuracy_after", "accuracy_delta"}
+LAYER_ARMS = ["full", "full-offprincipal", "offprincipal", "lora", "pissa", "sft"]
+REQUIRED = ("run_id", "arm", "role", "method")
+_K_ARM = re.compile(r"offprincipal k=(\d+)$")
+
+
+# --- records and statistics ---------------------------------------------------------------------------------------
+
+
+def load_records(folder) -> list[dict]:
+    """Every ``folder/records/*.json`` as a dict, sorted by run_id; ValueError naming the file if one is malformed
+    (not JSON, not an object, or missing one of run_id, arm, role, method)."""
+    records = []
+    for path in sorted((Path(folder) / "records").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(record, dict) or any(key not in record for key in REQUIRED):
+            raise ValueError(f"{path}: not a run record (needs the fields {', '.join(REQUIRED)})")
+        records.append(record)
+    return sorted(records, key=lambda r: r["run_id"])
+
+
+def _finite(values) -> list[float]:
+    """The values that are numbers (None and NaN dropped), as floats."""
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+def _stat(values) -> dict:
+    """mean, standard error (sample std / √n; None when n < 2) and n of the finite values (mean None when n = 0)."""
+    xs = _finite(values)
+    n = len(xs)
+    return {"mean": sum(xs) / n if n else None, "se": statistics.stdev(xs) / math.sqrt(n) if n > 1 else None, "n": n}
+
+
+def _metric(record: dict, name: str):
+    """A record's value of a summary metric; ``accuracy_delta`` is accuracy_after − accuracy_before."""
+    if name == "accuracy_delta":
+        after, before = record.get("accuracy_after"), record.get("accuracy_before")
+        return None if after is None or before is None else after - before
+    return record.get(name)
+
+
+def _arm_key(arm: str) -> tuple:
+    """Preferred arm order (``offprincipal k=…`` after ``offprincipal``, by k); unknown arms last, alphabetically."""
+    match = _K_ARM.match(arm)
+    if match:
+        return (ARM_ORDER.index("offprincipal"), int(match.group(1)), arm)
+    return (ARM_ORDER.index(arm), 0, arm) if arm in ARM_ORDER else (len(ARM_ORDER), 0, arm)
+
+
+def _group(records, key) -> dict:
+    """Records grouped by ``key(record)``, in first-seen order."""
+    groups = defaultdict(list)
+    for record in records:
+        groups[key(record)].append(record)
+    return groups
+
+
+def summarize_arms(records) -> list[dict]:
+    """One entry per arm of the ``role == "main"`` records, in arm order: ``arm``, ``method``, ``n`` (runs), ``seeds``,
+    ``lr`` (distinct values) and ``metrics`` mapping each name of :data:`METRICS` to its mean, SE and n over seeds
+    (nulls skipped)."""
+    main = [r for r in records if r.get("role") == "main"]
+    summary = []
+    for arm, group in sorted(_group(main, lambda r: r["arm"]).items(), key=lambda item: _arm_key(item[0])):
+        summary.append({
+            "arm": arm, "method": ", ".join(sorted({r["method"] for r in group})), "n": len(group),
+            "seeds": sorted(r.get("seed") for r in group), "lr": sorted({r.get("lr") for r in group} - {None}),
+            "metrics": {name: _stat(_metric(r, name) for r in group) for name in METRICS},
+        })
+    return summary
+
+
+def compare(summary, a: str, b: str, metric: str = "accuracy_after") -> dict:
+    """Arm ``a`` minus arm ``b`` on ``metric``: both means and n, the difference of means, its standard error
+    √(se_a² + se_b²) (None when either arm has a single value) and a verdict: "beyond 1 SE" (|difference| > SE),
+    "within noise", or "single seed: no error bar". KeyError when an arm is absent or has no value of the metric."""
+    arms = {entry["arm"]: entry["metrics"][metric] for entry in summary}
+    sa, sb = arms[a], arms[b]
+    if sa["mean"] is None or sb["mean"] is None:
+        raise KeyError(f"no {metric} for {a if sa['mean'] is None else b}")
+    diff = sa["mean"] - sb["mean"]
+    se = None if sa["se"] is None or sb["se"] is None else math.hypot(sa["se"], sb["se"])
+    verdict = "single seed: no error bar" if se is None else "beyond 1 SE" if abs(diff) > se else "within noise"
+    return {"a": a, "b": b, "metric": metric, "mean_a": sa["mean"], "mean_b": sb["mean"], "n_a": sa["n"],
+            "n_b": sb["n"], "diff": diff, "se": se, "verdict": verdict}
+
+
+# --- formatting -----------------------------------------------------------------------------------------------------
+
+
+def _num(value, sign: str = "") -> str:
+    """3 significant digits (2.39e-05, 0.412, 12.3); 1000 and above as a grouped integer; n/a for None.
+    ``sign="+"`` always writes the sign."""
+    if value is None:
+        return "n/a"
+    return f"{value:{sign},.0f}" if abs(value) >= 1000 else f"{value:{sign}.3g}"
+
+
+def _value(value, metric: str, sign: str = "") -> str:
+    """A value of ``metric``: accuracies in % with one decimal, the rest via :func:`_num`."""
+    if metric in PERCENT:
+        return "n/a" if value is None else f"{100 * value:{sign}.1f}"
+    return _num(value, sign)
+
+
+def _pm(stat: dict, metric: str) -> str:
+    """``mean ± SE`` of a statistic (only the mean when there is no SE)."""
+    text = _value(stat["mean"], metric)
+    return text if stat["se"] is None else f"{text} ± {_value(stat['se'], metric)}"
+
+
+# --- markdown sections ----------------------------------------------------------------------------------------------
+
+
+def _distinct(records, key) -> str:
+    """The distinct non-null values of a field over the records, comma-separated."""
+    values = sorted({str(r.get(key)) for r in records if r.get(key) is not None})
+    return ", ".join(values) or "n/a"
+
+
+def _header(folder: Path, records) -> str:
+    """Title, run counts, machine, commits and the common settings (values that differ between runs listed)."""
+    roles = _group(records, lambda r: r.get("role"))
+    settings = defaultdict(set)
+    for record in records:
+        for key, value in (record.get("settings") or {}).items():
+            settings[key].add(str(value))
+    facts = [
+        ["runs", f"{len(records)} ({', '.join(f'{len(g)} {role}' for role, g in roles.items())})"],
+        ["device", _distinct(records, "device")], ["concurrent runs per machine", _distinct(records, "workers")],
+        ["commit", _distinct(records, "commit")], ["steps", _distinct(records, "steps")],
+        ["held-out prompts (eval_n)", _distinct(records, "eval_n")], ["metrics top-k", _distinct(records, "metrics_k")],
+    ]
+    facts += [[key, ", ".join(sorted(values))] for key, values in settings.items()]
+    suite = ", ".join(sorted({r["suite"] for r in records if r.get("suite")})) or folder.name
+    return f"# RLVR benchmark: {suite}\n\n" + _table(["", ""], facts)
+
+
+def _arm_row(entry: dict) -> list[str]:
+    """The main-table row of one arm of :func:`summarize_arms`."""
+    m = entry["metrics"]
+    pm = {name: _pm(stat, name) for name, stat in m.items()}
+    return [entry["arm"], str(entry["n"]), ", ".join(map(_num, entry["lr"])) or "n/a", pm["accuracy_after"],
+            pm["accuracy_delta"], f"{_num(m['reward_first']['mean'])} → {_num(m['reward_last']['mean'])}",
+            pm["step_time_s"], _num(m["peak_mem_mb"]["mean"]), _num(m["trainable_params"]["mean"]), pm["nss_mean"],
+            pm["max_angle_mean"], pm["bf16_sparsity"],
+            f"{_num(m['overlap_principal']['mean'])} / {_num(m['overlap_lowmag']['mean'])}", pm["leak"]]
+
+
+def _main_table(summary) -> str:
+    """One row per arm: seeds, lr and the metrics (mostly mean ± SE over seeds)."""
+    rows = [_arm_row(entry) for entry in summary]
+    header = ["arm", "seeds", "lr", "accuracy after (%)", "Δ accuracy (pp)", "reward first → last", "step time (s)",
+              "peak mem (MB)", "trainable params", "NSS", "max angle (°)", "bf16 sparsity",
+              "overlap principal / low-mag", "leak"]
+    return ("Mean ± standard error over seeds (no ± with one seed). Accuracy: greedy, held-out prompts. Overlaps: "
+            "random baseline 0.5.\n\n" + _table(header, rows))
+
+
+def _sweep_table(records) -> str | None:
+    """The learning-rate sweep: sweep runs plus the main runs of the swept arms at the sweep's seeds, grouped by arm
+    and lr (means of reward_last and accuracy_after); None without sweep runs."""
+    sweep = [r for r in records if r.get("role") == "sweep"]
+    if not sweep:
+        return None
+    swept = _group(sweep, lambda r: r["arm"])
+    chosen = [r for r in records if r.get("role") == "main" and r["arm"] in swept
+              and r.get("seed") in {s.get("seed") for s in swept[r["arm"]]}]
+    groups = _group(sweep + chosen, lambda r: (r["arm"], r.get("lr")))
+    rows = [[arm, _distinct(group, "method"), _num(lr), str(len(group)),
+             _num(_stat(r.get("reward_last") for r in group)["mean"]),
+             _value(_stat(r.get("accuracy_after") for r in group)["mean"], "accuracy_after"),
+             "yes" if any(r.get("role") == "main" for r in group) else ""]
+            for (arm, lr), group in sorted(groups.items(), key=lambda i: (_arm_key(i[0][0]), i[0][1] or 0))]
+    header = ["arm", "method", "lr", "runs", "reward last fifth", "accuracy after (%)", "selected (main)"]
+    return "## Learning-rate sweep\n\n" + _table(header, rows)
+
+
+def _comparison_line(summary, a: str, b: str, metric: str, ratio: bool = False) -> str | None:
+    """One "Reading" line: both means (n), the difference ± SE and the verdict (and a / b when ``ratio``);
+    None when an arm or the metric is missing."""
+    try:
+        c = compare(summary, a, b, metric)
+    except KeyError:
+        return None
+    unit, diff_unit = ("%", " pp") if metric in PERCENT else ("", "")
+    se = "" if c["se"] is None else f" ± {_value(c['se'], metric)}"
+    extra = f", ratio {c['mean_a'] / c['mean_b']:.3g}" if ratio and c["mean_b"] else ""
+    return (f"- {a} vs {b}, {METRICS[metric]}: {_value(c['mean_a'], metric)}{unit} (n={c['n_a']}) vs "
+            f"{_value(c['mean_b'], metric)}{unit} (n={c['n_b']}){extra}; difference "
+            f"{_value(c['diff'], metric, '+')}{se}{diff_unit}: {c['verdict']}.")
+
+
+READING = [
+    ("offprincipal", "lora", "accuracy_after", False), ("offprincipal", "full", "accuracy_after", False),
+    ("pissa", "lora", "accuracy_after", False), ("sparse-principal", "sparse-safe", "accuracy_after", False),
+    ("sparse-safe", "sparse-random", "accuracy_after", False), ("sft", "full", "nss_mean", False),
+    ("sft", "full", "max_angle_mean", False), ("offprincipal", "lora", "step_time_s", True),
+    ("offprincipal", "lora", "peak_mem_mb", True),
+]
+
+
+def _reading(summary) -> str:
+    """Pairwise comparisons of :data:`READING` whose arms are present, computed with :func:`compare`."""
+    lines = [line for args in READING if (line := _comparison_line(summary, *args))]
+    intro = ("Differences of means over seeds; the SE of a difference is √(se_a² + se_b²). \"beyond 1 SE\" is not "
+             "a significance test.")
+    return "## Reading\n\n" + intro + "\n\n" + ("\n".join(lines) or "No comparable pair of arms.")
+
+
+# --- plots ----------------------------------------------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> Path:
+    """Save a figure as PNG through a temporary sibling and a rename, then close it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _mean_curve(curves) -> list[float]:
+    """Element-wise mean of lists of possibly different lengths (nulls skipped; NaN where nothing is left)."""
+    length = max(map(len, curves))
+    means = [_stat(c[i] for c in curves if i < len(c))["mean"] for i in range(length)]
+    return [math.nan if m is None else m for m in means]
+
+
+def _arm_curves(records, field: str, arms=None) -> dict[str, list[float]]:
+    """Per arm (main runs, arm order, optionally only ``arms``) the seed-mean of a list-valued field."""
+    main = [r for r in records if r.get("role") == "main" and r.get(field) and (arms is None or r["arm"] in arms)]
+    groups = _group(main, lambda r: r["arm"])
+    return {arm: _mean_curve([r[field] for r in groups[arm]]) for arm in sorted(groups, key=_arm_key)}
+
+
+def _plot_reward_curves(records, path: Path) -> Path | None:
+    """Moving mean (window 5) of the seed-averaged reward curve, one line per arm; None without curves."""
+    curves = _arm_curves(records, "reward_curve")
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for arm, curve in curves.items():
+        smooth = [_stat(curve[max(0, i - 4): i + 1])["mean"] for i in range(len(curve))]
+        ax.plot(range(1, len(curve) + 1), [math.nan if v is None else v for v in smooth], label=arm)
+    ax.set(title="training reward (moving mean, 5 steps; mean over seeds)", xlabel="step", ylabel="reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    return _save(fig, path)
+
+
+def _plot_layers(records, field: str, path: Path, ylabel: str, log: bool) -> Path | None:
+    """Seed-averaged per-layer values vs layer index (record order) for the arms of :data:`LAYER_ARMS`."""
+    curves = _arm_curves(records, field, LAYER_ARMS)
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, curve in curves.items():
+        ax.plot(range(len(curve)), curve, marker=".", markersize=3, linewidth=0.8, label=arm)
+    if log:
+        ax.set_yscale("log")
+    ax.set(title=f"{ylabel} per weight (mean over seeds)", xlabel="weight index (record order)", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _plot_accuracy(records, summary, path: Path) -> Path | None:
+    """Bars of mean held-out accuracy after training per arm with SE error bars; a line at the mean accuracy
+    before training. None when no arm has an accuracy."""
+    arms = [e for e in summary if e["metrics"]["accuracy_after"]["mean"] is not None]
+    if not arms:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(arms) + 2), 4.5))
+    stats = [e["metrics"]["accuracy_after"] for e in arms]
+    ax.bar([e["arm"] for e in arms], [100 * s["mean"] for s in stats],
+           yerr=[100 * (s["se"] or 0) for s in stats], capsize=3, color="tab:blue")
+    before = _stat(r.get("accuracy_before") for r in records if r.get("role") == "main")["mean"]
+    if before is not None:
+        ax.axhline(100 * before, color="gray", linestyle="--", label=f"before training ({100 * before:.1f}%)")
+        ax.legend(fontsize="small")
+    ax.set(title="held-out accuracy after training (mean ± SE)", ylabel="accuracy (%)")
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def _write_plots(records, summary, plots: Path) -> list[str]:
+    """Write the PNGs that have data; their markdown image lines."""
+    plots.mkdir(parents=True, exist_ok=True)
+    made = [
+        ("accuracy after training", _plot_accuracy(records, summary, plots / "accuracy.png")),
+        ("reward curves", _plot_reward_curves(records, plots / "reward_curves.png")),
+        ("NSS per weight", _plot_layers(records, "layer_nss", plots / "layer_nss.png", "NSS", log=True)),
+        ("max angle per weight",
+         _plot_layers(records, "layer_max_angle", plots / "layer_max_angle.png", "max angle (°)", log=False)),
+    ]
+    return [f"![{title}]({PLOTS}/{path.name})" for title, path in made if path is not None]
+
+
+# --- the report -----------------------------------------------------------------------------------------------------
+
+
+def write_report(folder) -> Path:
+    """Write ``folder/report.md`` (atomically) and its PNGs under ``folder/plots`` from ``folder/records``;
+    ``folder/notes.md``, if present, is appended under "## Notes". ValueError when there are no records."""
+    folder = Path(folder)
+    records = load_records(folder)
+    if not records:
+        raise ValueError(f"no records in {folder / 'records'}")
+    summary = summarize_arms(records)
+    parts = [_header(folder, records), "## Results", _main_table(summary), _sweep_table(records), "## Plots",
+             *_write_plots(records, summary, folder / PLOTS), _reading(summary)]
+    notes = folder / "notes.md"
+    if notes.is_file():
+        parts += ["## Notes", notes.read_text().strip()]
+    return write_text_atomic(folder / "report.md", "\n\n".join(p for p in parts if p) + "\n")
+
+
+def main(argv=None) -> None:
+    """``rlvr_report.py SUITE_FOLDER``: write the report and print its path."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="benchmarks/results/<suite> (holding records/)")
+    print(write_report(parser.parse_args(argv).folder))
+
+
+if __name__ == "__main__":
+    main()

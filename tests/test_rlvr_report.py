@@ -1,0 +1,156 @@
+"""benchmarks/rlvr_report.py: statistics over seeds, comparisons, and the report written from synthetic records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "rlvr_report.py"
+spec = importlib.util.spec_from_file_location("rlvr_report", SCRIPT)
+rlvr_report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rlvr_report)
+
+LAYERS = [f"model.layers.{i}.self_attn.{kind}" for i in range(3) for kind in ("q_proj", "v_proj")]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_record(arm, seed, accuracy_after, method=None, role="main", lr=3e-4, **fields):
+    """A run record in the schema of benchmarks/rlvr.py, with realistic values derived from the arguments."""
+    method = method or arm.split(" ")[0]
+    scale = {"full": 40.0, "sft": 90.0}.get(method, 1.0)
+    record = {
+        "suite": "smollm2-arith", "run_id": f"{arm.replace(' ', '')}-lr{lr}-s{seed}", "method": method, "arm": arm,
+        "role": role, "seed": seed, "steps": 60, "lr": lr, "rank": None if method in ("full", "sft") else 32,
+        "top_k": 32, "metrics_k": 32, "accuracy_before": 0.312, "accuracy_after": accuracy_after, "eval_n": 500,
+        "reward_first": 0.28 + 0.01 * seed, "reward_last": 0.51 + 0.02 * seed,
+        "reward_curve": [0.25 + 0.004 * step + 0.01 * ((step * 7 + seed) % 5) for step in range(60)],
+        "step_time_s": 4.1 + 0.1 * seed, "train_seconds": 250.0, "peak_mem_mb": 3120.5 + 10 * seed,
+        "trainable_params": 4_884_480, "nss_mean": 2.39e-05 * scale, "max_angle_mean": 0.84 * scale,
+        "bf16_sparsity": 0.71, "overlap_principal": 0.43, "overlap_lowmag": 0.55, "leak": 0.012,
+        "layer_names": LAYERS, "layer_nss": [2e-05 * scale * (1 + i) for i in range(len(LAYERS))],
+        "layer_max_angle": [0.5 * scale + 0.1 * i for i in range(len(LAYERS))],
+        "device": "NVIDIA H100 80GB HBM3", "commit": "bfe3d8f", "workers": 4,
+        "settings": {"num_generations": 8, "prompts_per_step": 16, "max_completion_length": 64, "temperature": 1.0,
+                     "bf16": True, "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "task": "arithmetic"},
+    }
+    record.update(fields)
+    return record
+
+
+OFFPRINCIPAL = [0.412, 0.436, 0.398]
+LORA = [0.371, 0.389, 0.380]
+FULL = [0.405, 0.431, 0.420]
+
+
+def make_records():
+    records = [make_record("offprincipal", s, a, step_time_s=4.52 + 0.07 * s, peak_mem_mb=3410.0 + 12 * s)
+               for s, a in enumerate(OFFPRINCIPAL)]
+    records += [make_record("lora", s, a, leak=leak) for s, (a, leak) in enumerate(zip(LORA, [0.031, None, 0.027]))]
+    records += [make_record("full", s, a, lr=1e-5) for s, a in enumerate(FULL)]
+    records += [
+        make_record("pissa", 0, 0.362),
+        make_record("offprincipal k=8", 0, 0.401),
+        make_record("my-new-arm", 0, 0.350, method="lora"),
+        make_record("lora", 0, 0.341, role="sweep", lr=1e-4),
+        make_record("sft", 0, 0.455, lr=2e-5, reward_first=None, reward_last=None, reward_curve=None,
+                    loss_curve=[1.9 - 0.02 * step for step in range(60)]),
+    ]
+    return records
+
+
+def write_suite(folder: Path, records) -> Path:
+    (folder / "records").mkdir(parents=True)
+    for record in records:
+        (folder / "records" / f"{record['run_id']}.json").write_text(json.dumps(record))
+    return folder
+
+
+def by_arm(summary):
+    return {entry["arm"]: entry for entry in summary}
+
+
+def test_load_records_sorted_and_malformed(tmp_path):
+    folder = write_suite(tmp_path / "suite", make_records())
+    records = rlvr_report.load_records(folder)
+    assert [r["run_id"] for r in records] == sorted(r["run_id"] for r in make_records())
+    (folder / "records" / "broken.json").write_text('{"run_id": "broken", "arm": ')
+    with pytest.raises(ValueError, match="broken.json"):
+        rlvr_report.load_records(folder)
+    (folder / "records" / "broken.json").write_text('{"run_id": "broken"}')
+    with pytest.raises(ValueError, match="broken.json"):
+        rlvr_report.load_records(folder)
+
+
+def test_summarize_arms_means_and_standard_errors():
+    summary = rlvr_report.summarize_arms(make_records())
+    assert [e["arm"] for e in summary] == ["full", "offprincipal", "offprincipal k=8", "lora", "pissa", "sft",
+                                          "my-new-arm"]
+    op = by_arm(summary)["offprincipal"]
+    assert op["n"] == 3 and op["seeds"] == [0, 1, 2] and op["lr"] == [3e-4]
+    accuracy = op["metrics"]["accuracy_after"]
+    # mean 1.246 / 3; squared deviations sum to 7.38667e-4, so SE = sqrt(7.38667e-4 / 2) / sqrt(3)
+    assert accuracy["mean"] == pytest.approx(0.415333, abs=1e-6)
+    assert accuracy["se"] == pytest.approx(0.0110955, abs=1e-6)
+    assert accuracy["n"] == 3
+    assert op["metrics"]["accuracy_delta"]["mean"] == pytest.approx(0.415333 - 0.312, abs=1e-6)
+    assert op["metrics"]["step_time_s"]["mean"] == pytest.approx(4.59)
+    assert op["metrics"]["step_time_s"]["se"] == pytest.approx(0.07 / math.sqrt(3))
+
+    lora = by_arm(summary)["lora"]
+    assert lora["n"] == 3  # the sweep run is not part of the arm
+    leak = lora["metrics"]["leak"]  # one null skipped: SE of two values = |a - b| / 2
+    assert (leak["mean"], leak["n"]) == (pytest.approx(0.029), 2) and leak["se"] == pytest.approx(0.002)
+
+    pissa = by_arm(summary)["pissa"]["metrics"]["accuracy_after"]
+    assert pissa == {"mean": pytest.approx(0.362), "se": None, "n": 1}
+    assert by_arm(summary)["sft"]["metrics"]["reward_last"] == {"mean": None, "se": None, "n": 0}
+
+
+def test_compare_verdicts():
+    summary = rlvr_report.summarize_arms(make_records())
+    beyond = rlvr_report.compare(summary, "offprincipal", "lora")
+    assert beyond["diff"] == pytest.approx(0.415333 - 0.38, abs=1e-6)
+    se_lora = math.sqrt(((0.371 - 0.38) ** 2 + (0.389 - 0.38) ** 2) / 2 / 3)
+    assert beyond["se"] == pytest.approx(math.hypot(0.0110955, se_lora), abs=1e-6)
+    assert beyond["verdict"] == "beyond 1 SE"
+    assert rlvr_report.compare(summary, "full", "offprincipal")["verdict"] == "within noise"
+    single = rlvr_report.compare(summary, "pissa", "lora")
+    assert single["se"] is None and single["verdict"] == "single seed: no error bar"
+    with pytest.raises(KeyError):
+        rlvr_report.compare(summary, "dora", "lora")
+
+
+def test_write_report(tmp_path, capsys):
+    folder = write_suite(tmp_path / "smollm2-arith", make_records())
+    (folder / "notes.md").write_text("Hand-written: the k=8 arm is a pilot.\n")
+    rlvr_report.main([str(folder)])
+    path = Path(capsys.readouterr().out.strip())
+    assert path == folder / "report.md"
+    text = path.read_text()
+    for arm in ["full", "offprincipal", "offprincipal k=8", "lora", "pissa", "sft", "my-new-arm"]:
+        assert f"| {arm} |" in text
+    assert "# RLVR benchmark: smollm2-arith" in text and "NVIDIA H100 80GB HBM3" in text and "bfe3d8f" in text
+    assert "14 (13 main, 1 sweep)" in text
+    assert "41.5 ± 1.1" in text and "2.39e-05" in text and "4,884,480" in text
+    assert "## Learning-rate sweep" in text and "| lora | lora | 0.0001 | 1 | 0.51 | 34.1 |  |" in text
+    assert "- offprincipal vs lora, held-out accuracy: 41.5% (n=3) vs 38.0% (n=3); difference +3.5 ± 1.2 pp: " \
+           "beyond 1 SE." in text
+    assert "- pissa vs lora, held-out accuracy" in text and "single seed: no error bar" in text
+    assert "- sft vs full, NSS" in text
+    assert "- offprincipal vs lora, step time (s): 4.59 (n=3) vs 4.2 (n=3), ratio 1.09" in text
+    assert "sparse-safe vs" not in text
+    assert text.rstrip().endswith("## Notes\n\nHand-written: the k=8 arm is a pilot.")
+    for name in ["reward_curves.png", "layer_nss.png", "layer_max_angle.png", "accuracy.png"]:
+        assert f"(plots/{name})" in text
+        assert (folder / "plots" / name).read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in folder.rglob(".*")) == []  # no temporary files left
+
+
+def test_write_report_without_records(tmp_path):
+    (tmp_path / "records").mkdir()
+    with pytest.raises(ValueError, match="no records"):
+        rlvr_report.write_report(tmp_path)
