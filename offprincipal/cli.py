@@ -5,6 +5,7 @@
                             before and after and writes a run folder (weights, metrics.jsonl, report.md + PNGs)
     offprincipal analyze    the paper's parameter-level report (NSS, principal angles, bf16 sparsity, mask
                             overlaps) between a base checkpoint and a tuned one (model folder, adapter or run folder)
+    offprincipal evaluate   greedy held-out accuracy of a model, adapter or run folder (what train reports before/after)
     offprincipal demo       attach an OffPrincipal adapter to the embedded model, take a few AdamW steps and print
                             loss, step time and the principal leak of every update
 
@@ -465,14 +466,15 @@ def _tuned_checkpoint(value: str) -> Path:
 
 
 def _load_tuned(base: Optional[str], tuned: Path):
-    """The tuned model; an adapter folder (adapter_config.json) is loaded onto BASE and merged."""
+    """(tuned model, tokenizer); an adapter folder (adapter_config.json) is loaded onto BASE and merged."""
     if not (tuned / "adapter_config.json").exists():
-        return _load(str(tuned), option="TUNED")[0]
+        return _load(str(tuned), option="TUNED")
     from peft import PeftModel
 
     import offprincipal  # noqa: F401 - registers the OffPrincipal PEFT method for adapters saved by it
 
-    return PeftModel.from_pretrained(_load(base, option="BASE")[0], str(tuned)).merge_and_unload()
+    model, tokenizer = _load(base, option="BASE")
+    return PeftModel.from_pretrained(model, str(tuned)).merge_and_unload(), tokenizer
 
 
 def cmd_analyze(args) -> None:
@@ -484,7 +486,7 @@ def cmd_analyze(args) -> None:
     with _atomic_dir(target) as tmp:
         base_model = _load(args.base, option="BASE")[0]
         _check_top_k(base_model, args.top_k)
-        tuned_model = _load_tuned(args.base, tuned_path)
+        tuned_model = _load_tuned(args.base, tuned_path)[0]
         try:
             records, summary = compare_weights(linear_weights(base_model), linear_weights(tuned_model), k=args.top_k,
                                                alpha=args.alpha)
@@ -496,6 +498,27 @@ def cmd_analyze(args) -> None:
     print(f"NSS {summary['mean_nss']:.3g}  max angle L/R {summary['mean_max_angle_left']:.3g}°/"
           f"{summary['mean_max_angle_right']:.3g}°  bf16 sparsity {summary['update_sparsity']:.3f}")
     print(f"report: {target / report.name}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def cmd_evaluate(args) -> None:
+    from .report import to_json
+    from .tasks import get_task
+
+    args.device = _resolve_device(args.device)
+    model, tokenizer = (_load(args.model, args.device) if args.model in (None, EMBEDDED)
+                        else _load_tuned(args.base, _tuned_checkpoint(args.model)))
+    model.to(args.device)
+    start = time.perf_counter()
+    accuracy = _held_out_accuracy(model, tokenizer, get_task(args.task), args)
+    seconds = time.perf_counter() - start
+    print(f"held-out accuracy (greedy, first {args.eval_n} {args.task} test prompts): {_pct(accuracy)} in {seconds:.0f} s")
+    if args.json:
+        print(to_json({"accuracy": accuracy, "eval_n": args.eval_n, "task": args.task, "model": _describe_model(args.model),
+                       "max_completion_length": args.max_completion_length, "bf16": args.bf16, "seconds": seconds}))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -614,6 +637,27 @@ def _add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="greedy held-out accuracy of a model, adapter or run folder on a task",
+        description="Greedy held-out accuracy on the first --eval-n test prompts of a task (what `train` reports "
+                    "before and after training).",
+    )
+    from .tasks import TASKS
+
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help=f"model folder, adapter folder (merged onto --base), run folder of `train`, or '{EMBEDDED}' "
+                        "(default)")
+    p.add_argument("--base", default=None, help=f"base model of an adapter (default: '{EMBEDDED}')")
+    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")
+    p.add_argument("--eval-n", type=_positive_int, default=200, help="held-out prompts (default: 200)")
+    p.add_argument("--max-completion-length", type=_positive_int, default=48, help="token budget (default: 48)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default: on)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="(default: auto)")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="attach the adapter to the embedded model and take a few steps")
     demo.add_argument("--model", default=None, help="model directory or hub id (default: embedded SmolLM2-135M)")
@@ -632,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_analyze(sub)
+    _add_evaluate(sub)
     _add_demo(sub)
     return parser
 

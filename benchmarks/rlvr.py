@@ -1,0 +1,396 @@
+"""RLVR benchmark: OffPrincipal against LoRA, DoRA, PiSSA, MiCA, OSF, full FT, sparse-FT masks and SFT.
+
+Every arm is one ``offprincipal train`` run (GRPO through TRL) with the same model, task, prompts (same seed → same
+prompt order), generations, completion length, steps and held-out set; the base model's held-out accuracy is
+measured once per suite (``offprincipal evaluate``). Each finished run becomes one JSON record,
+``<results>/<suite>/records/<run_id>.json``, written atomically; a re-run skips every run that has a record (the
+suite resumes after an interruption). Run folders (logs, metrics, reports; weights deleted unless --keep-weights)
+go to ``runs/rlvr/<suite>/`` (not committed). ``benchmarks/rlvr_report.py`` turns the records into report.md.
+
+Learning rates: a sweep on seed 0 for ``lora``, ``offprincipal`` and ``full`` picks, per swept method, the rate with
+the highest mean training reward over all steps (never the held-out set); the other methods take the rate of their
+family (:data:`LR_FAMILY`). The sweep's runs at the chosen rate are the seed-0 runs of the comparison
+(``role: "main"``); the others stay in the records with ``role: "sweep"``. The choice is in ``lr_selection.json``.
+
+    .venv/bin/python benchmarks/rlvr.py run                 # the whole suite, resumable (hours on a 2-core CPU)
+    .venv/bin/python benchmarks/rlvr.py run --dry-run       # the plan, and what is done
+    .venv/bin/python benchmarks/rlvr.py report              # report.md + plots from the records so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+ROOT = Path(__file__).resolve().parent.parent
+MULTI_SEED = ("full", "full-offprincipal", "lora", "pissa", "offprincipal")
+SINGLE_SEED = ("dora", "mica", "osf", "sparse-principal", "sparse-safe", "sparse-random", "sft")
+# which swept method's learning rate each method takes: adapters of the LoRA family take LoRA's, every
+# full-parameter method (OSF trains full-rank blocks) takes full FT's, OffPrincipal its own
+LR_FAMILY = {
+    "lora": "lora", "dora": "lora", "pissa": "lora", "mica": "lora", "offprincipal": "offprincipal",
+    "full": "full", "full-offprincipal": "full", "osf": "full", "sparse-principal": "full", "sparse-safe": "full",
+    "sparse-random": "full", "sft": "full",
+}
+ADAPTERS = ("offprincipal", "lora", "dora", "pissa", "mica")
+CLI_METHOD = {"full-offprincipal": "offprincipal-full"}  # the record's method name → `offprincipal train --method`
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Settings shared by every run of a suite (the defaults are the committed CPU suite)."""
+
+    name: str = "smollm2-arithmetic-cpu"
+    model: str = "embedded"
+    task: str = "arithmetic"
+    steps: int = 16
+    num_generations: int = 8
+    prompts_per_step: int = 1
+    max_completion_length: int = 48
+    temperature: float = 0.7
+    eval_n: int = 200
+    rank: int = 16
+    top_k: int = 32
+    metrics_k: int = 32
+    bf16: bool = True
+    device: str = "cpu"
+    seeds: int = 3
+    sweep: dict = field(default_factory=lambda: {"lora": (2e-4, 1e-3), "offprincipal": (2e-4, 1e-3), "full": (2e-5, 1e-4)})
+    ablation_top_k: tuple = (8, 128)
+
+    def settings(self) -> dict:
+        keys = ("model", "task", "steps", "num_generations", "prompts_per_step", "max_completion_length",
+                "temperature", "eval_n", "rank", "top_k", "metrics_k", "bf16", "device")
+        return {key: getattr(self, key) for key in keys}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``offprincipal train`` run of the suite."""
+
+    method: str
+    seed: int
+    lr: float
+    top_k: int
+    arm: str
+    sweep: bool = False  # part of the learning-rate sweep (seed 0 of a swept method)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.method}-k{self.top_k}-lr{self.lr:g}-s{self.seed}"
+
+
+class Paths:
+    """Where a suite keeps its records (committed) and its run folders (scratch)."""
+
+    def __init__(self, suite: Suite, results: Path, runs: Path):
+        self.folder = results / suite.name
+        self.records = self.folder / "records"
+        self.runs = runs / suite.name
+        self.base = self.folder / "base_accuracy.json"
+        self.selection = self.folder / "lr_selection.json"
+
+    def record(self, run_id: str) -> Path:
+        return self.records / f"{run_id}.json"
+
+    def done(self) -> dict[str, dict]:
+        return {p.stem: json.loads(p.read_text()) for p in sorted(self.records.glob("*.json"))}
+
+
+# --- the plan -----------------------------------------------------------------------------------------------------
+
+
+def sweep_specs(suite: Suite) -> list[RunSpec]:
+    return [RunSpec(m, 0, lr, suite.top_k, m, sweep=True) for m, lrs in suite.sweep.items() for lr in lrs]
+
+
+def select_lr(suite: Suite, done: dict[str, dict]) -> dict[str, dict]:
+    """Swept method → {"lr", "mean_reward" per lr} once all its sweep runs have records (highest mean reward wins;
+    ties go to the smaller rate)."""
+    chosen = {}
+    for method, lrs in suite.sweep.items():
+        runs = [done.get(RunSpec(method, 0, lr, suite.top_k, method).run_id) for lr in lrs]
+        if all(runs):
+            rewards = {f"{lr:g}": _mean(r["reward_curve"]) for lr, r in zip(lrs, runs)}
+            best = max(sorted(lrs), key=lambda lr: rewards[f"{lr:g}"])
+            chosen[method] = {"lr": best, "mean_reward": rewards}
+    return chosen
+
+
+def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
+    """Every run of the suite whose learning rate is known: the sweep, then (once their family's rate is chosen)
+    the seeds of each method and the top-k ablation of OffPrincipal. Sweep runs come first (they unblock the rest)."""
+    specs = sweep_specs(suite)
+    for method in (*MULTI_SEED, *SINGLE_SEED):
+        family = LR_FAMILY[method]
+        if family in suite.sweep and family not in chosen:
+            continue
+        lr = chosen[family]["lr"] if family in chosen else None
+        if lr is None:
+            continue
+        seeds = range(suite.seeds if method in MULTI_SEED else 1)
+        specs += [RunSpec(method, seed, lr, suite.top_k, method) for seed in seeds]
+        if method == "offprincipal":
+            specs += [RunSpec(method, 0, lr, k, f"offprincipal k={k}") for k in suite.ablation_top_k]
+    unique = {}
+    for spec in specs:
+        unique.setdefault(spec.run_id, spec)
+    return list(unique.values())
+
+
+def role(spec: RunSpec, chosen: dict[str, dict]) -> str:
+    """"main" for a run of the comparison, "sweep" for a sweep run at a rate that was not chosen (or not yet)."""
+    if not spec.sweep:
+        return "main"
+    return "main" if spec.method in chosen and chosen[spec.method]["lr"] == spec.lr else "sweep"
+
+
+# --- one run --------------------------------------------------------------------------------------------------------
+
+
+def _executable() -> str:
+    """The ``offprincipal`` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "offprincipal"
+    if not script.exists():
+        raise SystemExit(f"rlvr: {script} not found; install the project (`make test` or `pip install -e .`)")
+    return str(script)
+
+
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def train_command(suite: Suite, spec: RunSpec, output: Path) -> list[str]:
+    s = suite
+    args = [
+        _executable(), "train", "--method", CLI_METHOD.get(spec.method, spec.method), "--model", s.model, "--task", s.task, "--steps", s.steps,
+        "--lr", spec.lr, "--rank", s.rank, "--top-k", spec.top_k, "--metrics-k", s.metrics_k,
+        "--num-generations", s.num_generations, "--prompts-per-step", s.prompts_per_step,
+        "--max-completion-length", s.max_completion_length, "--temperature", s.temperature, "--eval-n", s.eval_n,
+        "--no-eval-before", "--bf16" if s.bf16 else "--no-bf16", "--device", s.device, "--seed", spec.seed,
+        "--output", output,
+    ]
+    return [str(a) for a in args]
+
+
+def base_accuracy(suite: Suite, paths: Paths, threads: int) -> float:
+    """The base model's held-out accuracy (measured once per suite, kept in base_accuracy.json)."""
+    if paths.base.exists():
+        return json.loads(paths.base.read_text())["accuracy"]
+    s = suite
+    command = [_executable(), "evaluate", s.model, "--task", s.task, "--eval-n", s.eval_n,
+               "--max-completion-length", s.max_completion_length, "--bf16" if s.bf16 else "--no-bf16",
+               "--device", s.device, "--json"]
+    print("base model: held-out accuracy ...", flush=True)
+    out = subprocess.run([str(a) for a in command], env=_env(threads), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"rlvr: base evaluation failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    _write_json(paths.base, result)
+    print(f"base model: {100 * result['accuracy']:.1f}% held-out", flush=True)
+    return result["accuracy"]
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values or [] if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "offprincipal", "kernels") else "")
+
+
+def make_record(suite: Suite, spec: RunSpec, folder: Path, accuracy_before: float, workers: int, device: str) -> dict:
+    """The JSON record of a finished run folder of ``offprincipal train``."""
+    summary = json.loads((folder / "summary.json").read_text())
+    run, metrics = summary["run"], summary["parameter_metrics"]
+    logs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    layers = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in logs if "reward" in r] or None
+    leaks = [metrics["mean_leak_left"], metrics["mean_leak_right"]]
+    return {
+        "suite": suite.name, "run_id": spec.run_id, "method": spec.method, "arm": spec.arm, "role": "main",
+        "seed": spec.seed, "steps": suite.steps, "lr": spec.lr, "rank": suite.rank if spec.method in ADAPTERS else None,
+        "top_k": spec.top_k, "metrics_k": suite.metrics_k,
+        "accuracy_before": accuracy_before, "accuracy_after": summary["accuracy"]["after"], "eval_n": suite.eval_n,
+        "reward_first": run.get("reward_first_fifth"), "reward_last": run.get("reward_last_fifth"),
+        "reward_curve": rewards, "loss_curve": [r.get("loss") for r in logs],
+        "step_time_s": _mean([r["step_time"] for r in logs[1:]] or [r["step_time"] for r in logs]),
+        "train_seconds": run["train seconds"], "peak_mem_mb": run["peak memory MB"],
+        "trainable_params": run["trainable params"],
+        "nss_mean": metrics["mean_nss"],
+        "max_angle_mean": _mean([metrics["mean_max_angle_left"], metrics["mean_max_angle_right"]]),
+        "bf16_sparsity": metrics["update_sparsity"], "overlap_principal": metrics["mean_overlap_principal"],
+        "overlap_lowmag": metrics["mean_overlap_low_magnitude"],
+        "leak": max((v for v in leaks if v is not None), default=None),
+        "layer_names": [r["name"] for r in layers], "layer_nss": [r["nss"] for r in layers],
+        "layer_max_angle": [_mean([r["max_angle_left"], r["max_angle_right"]]) for r in layers],
+        "device": device, "commit": _commit(), "workers": workers, "settings": suite.settings(),
+        "load_average": run.get("load average at start / end"),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from offprincipal.report import to_json, write_text_atomic
+
+    write_text_atomic(path, to_json(data, indent=1) + "\n")
+
+
+# --- the scheduler ----------------------------------------------------------------------------------------------------
+
+
+def _device(suite: Suite, workers: int, threads: int) -> str:
+    from offprincipal.report import describe_device
+
+    return f"{describe_device(suite.device)}; {workers} concurrent run(s), {threads} torch thread(s) each"
+
+
+def _finish(suite, paths, spec, folder, accuracy_before, workers, device, keep_weights) -> None:
+    record = make_record(suite, spec, folder, accuracy_before, workers, device)
+    chosen = select_lr(suite, {**paths.done(), spec.run_id: record})
+    record["role"] = role(spec, chosen)
+    _write_json(paths.record(spec.run_id), record)
+    if not keep_weights:
+        for sub in ("model", "adapter"):
+            shutil.rmtree(folder / sub, ignore_errors=True)
+    _update_roles(suite, paths, chosen)
+
+
+def _update_roles(suite: Suite, paths: Paths, chosen: dict) -> None:
+    """Rewrite the roles of sweep records once their method's rate is chosen, and lr_selection.json."""
+    if chosen:
+        _write_json(paths.selection, {"criterion": "highest mean training reward over all steps, seed 0", **chosen})
+    for run_id, record in paths.done().items():
+        spec = RunSpec(record["method"], record["seed"], record["lr"], record["top_k"], record["arm"],
+                       sweep=record["method"] in suite.sweep and record["seed"] == 0 and record["top_k"] == suite.top_k)
+        if record["role"] != role(spec, chosen):
+            _write_json(paths.record(run_id), {**record, "role": role(spec, chosen)})
+
+
+def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weights: bool, dry_run: bool) -> int:
+    """Runs every planned run without a record, ``workers`` at a time; returns the number of failed runs."""
+    paths.records.mkdir(parents=True, exist_ok=True)
+    paths.runs.mkdir(parents=True, exist_ok=True)
+    for leftover in paths.runs.glob(".*.tmp-*"):  # temporary folders of runs that were interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    if dry_run:
+        chosen = select_lr(suite, paths.done())
+        for spec in plan(suite, chosen):
+            print(f"{'done' if spec.run_id in paths.done() else 'todo'}  {spec.run_id}  ({spec.arm})")
+        print(f"runs whose learning rate waits on the sweep are not listed; chosen so far: {chosen or 'none'}")
+        return 0
+    accuracy_before = base_accuracy(suite, paths, threads * workers)
+    device = _device(suite, workers, threads)
+    running: dict[str, tuple[RunSpec, subprocess.Popen, float]] = {}
+    failed: list[str] = []
+    while True:
+        chosen = select_lr(suite, paths.done())
+        todo = [s for s in plan(suite, chosen) if s.run_id not in paths.done() and s.run_id not in running
+                and s.run_id not in failed]
+        while todo and len(running) < workers:
+            spec = todo.pop(0)
+            folder = paths.runs / spec.run_id
+            if (folder / "summary.json").exists():  # finished before an interruption, record not yet written
+                _finish(suite, paths, spec, folder, accuracy_before, workers, device, keep_weights)
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            log = open(paths.runs / f"{spec.run_id}.log", "w")
+            proc = subprocess.Popen(train_command(suite, spec, folder), env=_env(threads), stdout=log, stderr=log)
+            running[spec.run_id] = (spec, proc, time.time())
+            print(f"start  {spec.run_id}  ({len(paths.done())} done, {len(running)} running)", flush=True)
+        if not running:
+            break
+        time.sleep(2)
+        for run_id, (spec, proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run_id]
+            minutes = (time.time() - started) / 60
+            if proc.returncode:
+                failed.append(run_id)
+                print(f"FAIL   {run_id}  exit {proc.returncode} after {minutes:.1f} min; log: "
+                      f"{paths.runs / f'{run_id}.log'}", flush=True)
+                continue
+            _finish(suite, paths, spec, paths.runs / run_id, accuracy_before, workers, device, keep_weights)
+            acc = paths.done()[run_id]["accuracy_after"]
+            print(f"done   {run_id}  {minutes:.1f} min  held-out {100 * acc:.1f}%", flush=True)
+    return len(failed)
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+
+
+def _suite_from(args) -> Suite:
+    defaults = Suite()
+    overrides = {key: getattr(args, key) for key in defaults.settings() if getattr(args, key, None) is not None}
+    if args.suite:
+        overrides["name"] = args.suite
+    if args.seeds:
+        overrides["seeds"] = args.seeds
+    if args.sweep:
+        overrides["sweep"] = {m: tuple(float(x) for x in lrs.split(",")) for m, lrs in
+                              (item.split("=") for item in args.sweep)}
+    if args.ablation_top_k:
+        overrides["ablation_top_k"] = tuple(args.ablation_top_k)
+    return Suite(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("--suite", default=None, help=f"suite name (default: {Suite.name})")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="records go to RESULTS/SUITE")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "rlvr", help="scratch run folders go to RUNS/SUITE")
+    p.add_argument("--workers", type=int, default=2, help="concurrent runs (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
+    p.add_argument("--keep-weights", action="store_true", help="keep the trained weights of every run folder")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
+    g = p.add_argument_group("suite settings (defaults: the committed CPU suite)")
+    for key, value in Suite().settings().items():
+        if key == "bf16":
+            g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+    g.add_argument("--seeds", type=int, default=None, help="seeds of the multi-seed methods (default: 3)")
+    g.add_argument("--sweep", nargs="+", default=None, metavar="METHOD=LR,LR",
+                   help="learning-rate sweep (default: lora=2e-4,1e-3 offprincipal=2e-4,1e-3 full=2e-5,1e-4)")
+    g.add_argument("--ablation-top-k", type=int, nargs="+", default=None, help="OffPrincipal top-k ablation (8 128)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    suite = _suite_from(args)
+    paths = Paths(suite, args.results, args.runs)
+    if args.command == "run":
+        failed = run_suite(suite, paths, args.workers, args.threads, args.keep_weights, args.dry_run)
+        if failed:
+            print(f"rlvr: {failed} run(s) failed (see their logs); re-run to retry them", file=sys.stderr)
+            return 1
+    if not args.dry_run and paths.records.exists() and any(paths.records.glob("*.json")):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("rlvr_report", Path(__file__).with_name("rlvr_report.py"))
+        report = sys.modules["rlvr_report"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(report)
+        print(f"report: {report.write_report(paths.folder)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

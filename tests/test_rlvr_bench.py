@@ -1,0 +1,131 @@
+"""The RLVR benchmark harness (benchmarks/rlvr.py) on a tiny Llama: every arm runs (2 steps each, as subprocesses of
+``offprincipal train``), every record is well-formed strict JSON, the sweep picks the rates, and a re-run resumes:
+it skips finished runs, rebuilds a record from a finished run folder, and re-trains only what is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model, make_tokenizer
+
+pytest.importorskip("trl")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = {
+    "method", "seed", "steps", "lr", "rank", "top_k", "accuracy_before", "accuracy_after", "reward_first", "reward_last",
+    "step_time_s", "peak_mem_mb", "trainable_params", "nss_mean", "max_angle_mean", "bf16_sparsity",
+    "overlap_principal", "overlap_lowmag", "leak", "device", "commit",
+}
+METHODS = {"full", "full-offprincipal", "lora", "dora", "pissa", "mica", "osf", "offprincipal", "sparse-principal",
+           "sparse-safe", "sparse-random", "sft"}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def strict(path: Path) -> dict:
+    def refuse(constant):
+        raise ValueError(f"{path}: non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """``run()`` runs the tiny suite (returns main's exit status and stdout); ``records`` reads its records."""
+    tmp = tmp_path_factory.mktemp("rlvr")
+    model = tmp / "tiny"
+    make_tiny_model("llama").save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
+    rlvr = load_script("rlvr")
+    argv = [
+        "run", "--suite", "tiny", "--results", tmp / "results", "--runs", tmp / "runs", "--model", model,
+        "--steps", 2, "--eval-n", 4, "--num-generations", 4, "--max-completion-length", 6, "--rank", 4, "--top-k", 8,
+        "--metrics-k", 8, "--no-bf16", "--device", "cpu", "--seeds", 2, "--ablation-top-k", 2, 12,
+        "--sweep", "lora=1e-3,1e-2", "offprincipal=1e-3,1e-2", "full=1e-4,1e-3",
+    ]
+
+    class Suite:
+        folder = tmp / "results" / "tiny"
+        runs = tmp / "runs" / "tiny"
+
+        @staticmethod
+        def run(capsys):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("OFFPRINCIPAL_CACHE_DIR", str(tmp / "cache"))
+                status = rlvr.main([str(a) for a in argv])
+            return status, capsys.readouterr().out
+
+        @classmethod
+        def records(cls) -> dict[str, dict]:
+            return {p.stem: strict(p) for p in sorted((cls.folder / "records").glob("*.json"))}
+
+    return Suite
+
+
+def test_every_arm_runs_and_records_are_well_formed(suite, capsys):
+    status, out = suite.run(capsys)
+    assert status == 0, out
+    records = suite.records()
+    assert {r["method"] for r in records.values()} == METHODS
+    # 5 multi-seed methods × 2 seeds + 7 single-seed + 2 ablation runs + 3 sweep runs at the rate not chosen
+    assert len(records) == 5 * 2 + 7 + 2 + 3
+    for run_id, r in records.items():
+        assert FIELDS <= set(r), f"{run_id} lacks {FIELDS - set(r)}"
+        assert r["run_id"] == run_id and r["steps"] == 2 and r["role"] in ("main", "sweep")
+        assert 0 <= r["accuracy_before"] <= 1 and 0 <= r["accuracy_after"] <= 1
+        assert r["trainable_params"] > 0 and r["peak_mem_mb"] > 0 and r["step_time_s"] > 0
+        assert len(r["layer_names"]) == len(r["layer_nss"]) == len(r["layer_max_angle"]) == 14
+        assert (r["reward_curve"] is None) == (r["method"] == "sft")
+        assert all(isinstance(v, float) and not math.isnan(v) for v in r["loss_curve"])
+        assert (r["rank"] == 4) == (r["method"] in ("offprincipal", "lora", "dora", "pissa", "mica"))
+        assert not list((suite.runs / run_id).glob("adapter")) and not list((suite.runs / run_id).glob("model"))
+    assert len({r["accuracy_before"] for r in records.values()}) == 1  # the base model, measured once
+    assert {r["arm"] for r in records.values() if r["top_k"] != 8} == {"offprincipal k=2", "offprincipal k=12"}
+    selection = strict(suite.folder / "lr_selection.json")
+    for method in ("lora", "offprincipal", "full"):
+        chosen = selection[method]["lr"]
+        roles = {r["lr"]: r["role"] for r in records.values() if r["method"] == method and r["seed"] == 0
+                 and r["top_k"] == 8}
+        assert roles == {lr: "main" if lr == chosen else "sweep" for lr in roles} and len(roles) == 2
+        family = [r for r in records.values() if r["role"] == "main" and r["method"] in
+                  {"lora": ("dora", "pissa", "mica"), "offprincipal": ("offprincipal",),
+                   "full": ("full-offprincipal", "osf", "sparse-safe", "sft")}[method]]
+        assert family and all(r["lr"] == chosen for r in family)
+    report = (suite.folder / "report.md").read_text()
+    assert all(method in report for method in METHODS)
+
+
+def test_rerun_resumes(suite, capsys):
+    before = suite.records()
+    status, out = suite.run(capsys)  # everything is done: nothing starts
+    assert status == 0 and "start" not in out
+    assert suite.records() == before
+
+    # a record lost after its run folder was complete: rebuilt without training
+    finished = next(run_id for run_id, r in before.items() if r["method"] == "lora" and r["seed"] == 1)
+    (suite.folder / "records" / f"{finished}.json").unlink()
+    # record and run folder lost: trained again, alone
+    missing = next(run_id for run_id in before if run_id.startswith("sparse-random"))
+    (suite.folder / "records" / f"{missing}.json").unlink()
+    for path in (suite.runs / missing).rglob("*"):
+        path.unlink() if path.is_file() else None
+    status, out = suite.run(capsys)
+    assert status == 0, out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("start")] == [missing]
+    after = suite.records()
+    assert set(after) == set(before)
+    volatile = ("commit", "device")  # the machine's load at the re-run's start is in the device description
+    assert {k: v for k, v in after[finished].items() if k not in volatile} == \
+        {k: v for k, v in before[finished].items() if k not in volatile}
