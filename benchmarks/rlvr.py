@@ -255,9 +255,16 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _device(suite: Suite, workers: int, threads: int) -> str:
-    from offprincipal.report import describe_device
+    """The machine (the load average of each run is in its record's ``load_average``)."""
+    import platform
 
-    return f"{describe_device(suite.device)}; {workers} concurrent run(s), {threads} torch thread(s) each"
+    if suite.device == "cuda":
+        import torch
+
+        machine = torch.cuda.get_device_name()
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
+    return f"{machine}; {workers} concurrent run(s), {threads} torch thread(s) each"
 
 
 def _finish(suite, paths, spec, folder, accuracy_before, workers, device, keep_weights) -> None:

@@ -165,9 +165,7 @@ def _header(folder: Path, records) -> str:
             settings[key].add(str(value))
     facts = [
         ["runs", f"{len(records)} ({', '.join(f'{len(g)} {role}' for role, g in roles.items())})"],
-        ["device", _distinct(records, "device")], ["concurrent runs per machine", _distinct(records, "workers")],
-        ["commit", _distinct(records, "commit")], ["steps", _distinct(records, "steps")],
-        ["held-out prompts (eval_n)", _distinct(records, "eval_n")], ["metrics top-k", _distinct(records, "metrics_k")],
+        ["machine", _distinct(records, "device")], ["commit", _distinct(records, "commit")],
     ]
     facts += [[key, ", ".join(sorted(values))] for key, values in settings.items()]
     suite = ", ".join(sorted({r["suite"] for r in records if r.get("suite")})) or folder.name
