@@ -193,6 +193,21 @@ def test_train_sft(run):
     assert all(r["update_sparsity"] < 1 for r in layer_records(folder))
 
 
+def test_evaluate_model_and_adapter_run(run, tiny_dir, digits, capsys):
+    """`evaluate` gives the accuracy `train` reported after training (same prompts, greedy), from the run folder's
+    adapter merged onto --base, and the base model's own accuracy."""
+    folder = run("offprincipal")
+    summary = strict_json((folder / "summary.json").read_text())
+    common = ["--task", "digits", "--eval-n", "4", "--max-completion-length", "6", "--no-bf16", "--device", "cpu", "--json"]
+    assert main(["evaluate", str(folder), "--base", str(tiny_dir), *common]) == 0
+    tuned = strict_json(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tuned["accuracy"] == summary["accuracy"]["after"] and tuned["eval_n"] == 4
+    assert main(["evaluate", str(tiny_dir), *common]) == 0
+    assert strict_json(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == summary["accuracy"]["before"]
+    assert main(["evaluate", str(folder / "missing"), *common]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
 def test_analyze_two_checkpoints(tiny_dir, tmp_path):
     tuned = make_tiny_model("llama")
     with torch.no_grad():
