@@ -129,16 +129,17 @@ def select_lr(suite: Suite, done: dict[str, dict]) -> dict[str, dict]:
 
 
 def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
-    """Every run of the suite whose learning rate is known: the sweep, then (once their family's rate is chosen)
-    the seeds of each method and the top-k ablation of OffPrincipal. Sweep runs come first (they unblock the rest)."""
+    """Every run of the suite whose learning rate is known: the sweep, then (once their family's rate is chosen, or
+    at the CLI's default rate for a family without a sweep) the seeds of each method and the top-k ablation of
+    OffPrincipal. Sweep runs come first (they unblock the rest)."""
+    from offprincipal.cli import DEFAULT_LR
+
     specs = sweep_specs(suite)
     for method in (*MULTI_SEED, *SINGLE_SEED):
         family = LR_FAMILY[method]
         if family in suite.sweep and family not in chosen:
-            continue
-        lr = chosen[family]["lr"] if family in chosen else None
-        if lr is None:
-            continue
+            continue  # waits for its family's sweep
+        lr = chosen[family]["lr"] if family in chosen else DEFAULT_LR[CLI_METHOD.get(family, family)]
         seeds = range(suite.seeds if method in MULTI_SEED else 1)
         specs += [RunSpec(method, seed, lr, suite.top_k, method) for seed in seeds]
         if method == "offprincipal":
