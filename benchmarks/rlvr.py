@@ -20,6 +20,7 @@ family (:data:`LR_FAMILY`). The sweep's runs at the chosen rate are the seed-0 r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -65,7 +66,8 @@ class Suite:
     metrics_k: int = 32
     bf16: bool = True
     device: str = "cpu"
-    seeds: int = 3
+    seeds: int = 3  # of the multi-seed methods (MULTI_SEED)
+    single_seeds: int = 1  # of the others (the top-k ablation: always seed 0 only)
     sweep: dict = field(default_factory=lambda: {"lora": (2e-4, 1e-3), "offprincipal": (2e-4, 1e-3), "full": (2e-5, 1e-4)})
     ablation_top_k: tuple = (8, 128)
 
@@ -140,7 +142,7 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
         if family in suite.sweep and family not in chosen:
             continue  # waits for its family's sweep
         lr = chosen[family]["lr"] if family in chosen else DEFAULT_LR[CLI_METHOD.get(family, family)]
-        seeds = range(suite.seeds if method in MULTI_SEED else 1)
+        seeds = range(suite.seeds if method in MULTI_SEED else suite.single_seeds)
         specs += [RunSpec(method, seed, lr, suite.top_k, method) for seed in seeds]
         if method == "offprincipal":
             specs += [RunSpec(method, 0, lr, k, f"offprincipal k={k}") for k in suite.ablation_top_k]
@@ -294,14 +296,19 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
     """Runs every planned run without a record, ``workers`` at a time; returns the number of failed runs."""
     paths.records.mkdir(parents=True, exist_ok=True)
     paths.runs.mkdir(parents=True, exist_ok=True)
-    for leftover in paths.runs.glob(".*.tmp-*"):  # temporary folders of runs that were interrupted
-        shutil.rmtree(leftover, ignore_errors=True)
     if dry_run:
         chosen = select_lr(suite, paths.done())
         for spec in plan(suite, chosen):
             print(f"{'done' if spec.run_id in paths.done() else 'todo'}  {spec.run_id}  ({spec.arm})")
         print(f"runs whose learning rate waits on the sweep are not listed; chosen so far: {chosen or 'none'}")
         return 0
+    lock = open(paths.runs / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"rlvr: another `run` of suite {suite.name} is in progress ({paths.runs / '.lock'} is locked)")
+    for leftover in paths.runs.glob(".*.tmp-*"):  # temporary folders of runs that were interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     accuracy_before = base_accuracy(suite, paths, threads * workers)
     device = _device(suite, workers, threads)
     running: dict[str, tuple[RunSpec, subprocess.Popen, float]] = {}
@@ -350,6 +357,8 @@ def _suite_from(args) -> Suite:
         overrides["name"] = args.suite
     if args.seeds:
         overrides["seeds"] = args.seeds
+    if args.single_seeds:
+        overrides["single_seeds"] = args.single_seeds
     if args.sweep:
         overrides["sweep"] = {m: tuple(float(x) for x in lrs.split(",")) for m, lrs in
                               (item.split("=") for item in args.sweep)}
@@ -375,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     g.add_argument("--seeds", type=int, default=None, help="seeds of the multi-seed methods (default: 3)")
+    g.add_argument("--single-seeds", type=int, default=None, help="seeds of the other methods (default: 1)")
     g.add_argument("--sweep", nargs="+", default=None, metavar="METHOD=LR,LR",
                    help="learning-rate sweep (default: lora=2e-4,1e-3 offprincipal=2e-4,1e-3 full=2e-5,1e-4)")
     g.add_argument("--ablation-top-k", type=int, nargs="+", default=None, help="OffPrincipal top-k ablation (8 128)")

@@ -129,3 +129,13 @@ def test_rerun_resumes(suite, capsys):
     volatile = ("commit", "device")  # the machine's load at the re-run's start is in the device description
     assert {k: v for k, v in after[finished].items() if k not in volatile} == \
         {k: v for k, v in before[finished].items() if k not in volatile}
+
+
+def test_a_concurrent_run_of_the_same_suite_is_refused(suite, capsys):
+    import fcntl
+
+    suite.runs.mkdir(parents=True, exist_ok=True)
+    with open(suite.runs / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="in progress"):
+            suite.run(capsys)
