@@ -133,7 +133,7 @@ def select_lr(suite: Suite, done: dict[str, dict]) -> dict[str, dict]:
 def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     """Every run of the suite whose learning rate is known: the sweep, then (once their family's rate is chosen, or
     at the CLI's default rate for a family without a sweep) the seeds of each method and the top-k ablation of
-    OffPrincipal. Sweep runs come first (they unblock the rest)."""
+    OffPrincipal. Sweep runs come first (they unblock the rest), then seed 0 of every arm, seed 1, …"""
     from offprincipal.cli import DEFAULT_LR
 
     specs = sweep_specs(suite)
@@ -149,7 +149,8 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     unique = {}
     for spec in specs:
         unique.setdefault(spec.run_id, spec)
-    return list(unique.values())
+    # seed-major: a suite cut short (or extended with more seeds) has every arm at about the same number of seeds
+    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.seed))
 
 
 def role(spec: RunSpec, chosen: dict[str, dict]) -> str:
