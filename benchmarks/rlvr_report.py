@@ -195,7 +195,7 @@ def _main_table(summary) -> str:
 
 def _sweep_table(records) -> str | None:
     """The learning-rate sweep: sweep runs plus the main runs of the swept arms at the sweep's seeds, grouped by arm
-    and lr (means of reward_last and accuracy_after); None without sweep runs."""
+    and lr (means of the mean reward over all steps, reward_last and accuracy_after); None without sweep runs."""
     sweep = [r for r in records if r.get("role") == "sweep"]
     if not sweep:
         return None
@@ -204,12 +204,15 @@ def _sweep_table(records) -> str | None:
               and r.get("seed") in {s.get("seed") for s in swept[r["arm"]]}]
     groups = _group(sweep + chosen, lambda r: (r["arm"], r.get("lr")))
     rows = [[arm, _distinct(group, "method"), _num(lr), str(len(group)),
+             _num(_stat(_stat(r.get("reward_curve") or [])["mean"] for r in group)["mean"]),
              _num(_stat(r.get("reward_last") for r in group)["mean"]),
              _value(_stat(r.get("accuracy_after") for r in group)["mean"], "accuracy_after"),
              "yes" if any(r.get("role") == "main" for r in group) else ""]
             for (arm, lr), group in sorted(groups.items(), key=lambda i: (_arm_key(i[0][0]), i[0][1] or 0))]
-    header = ["arm", "method", "lr", "runs", "reward last fifth", "accuracy after (%)", "selected (main)"]
-    return "## Learning-rate sweep\n\n" + _table(header, rows)
+    header = ["arm", "method", "lr", "runs", "mean reward (all steps)", "reward last fifth", "accuracy after (%)",
+              "selected (main)"]
+    return ("## Learning-rate sweep\n\nSeed 0; the rate with the highest mean training reward over all steps is "
+            "selected (the held-out set plays no part in it).\n\n" + _table(header, rows))
 
 
 def _comparison_line(summary, a: str, b: str, metric: str, ratio: bool = False) -> str | None:

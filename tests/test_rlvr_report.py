@@ -136,7 +136,7 @@ def test_write_report(tmp_path, capsys):
     assert "# RLVR benchmark: smollm2-arith" in text and "NVIDIA H100 80GB HBM3" in text and "bfe3d8f" in text
     assert "14 (13 main, 1 sweep)" in text
     assert "41.5 ± 1.1" in text and "2.39e-05" in text and "4,884,480" in text
-    assert "## Learning-rate sweep" in text and "| lora | lora | 0.0001 | 1 | 0.51 | 34.1 |  |" in text
+    assert "## Learning-rate sweep" in text and "| lora | lora | 0.0001 | 1 | 0.388 | 0.51 | 34.1 |  |" in text  # mean reward: 0.25 + 0.004·29.5 + 0.01·2
     assert "- offprincipal vs lora, held-out accuracy: 41.5% (n=3) vs 38.0% (n=3); difference +3.5 ± 1.2 pp: " \
            "beyond 1 SE." in text
     assert "- pissa vs lora, held-out accuracy" in text and "single seed: no error bar" in text
