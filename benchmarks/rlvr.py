@@ -67,9 +67,12 @@ class Suite:
     bf16: bool = True
     device: str = "cpu"
     seeds: int = 3  # of the multi-seed methods (MULTI_SEED)
-    single_seeds: int = 1  # of the others (the top-k ablation: always seed 0 only)
+    single_seeds: int = 2  # of the others (the top-k ablation: always seed 0 only)
     sweep: dict = field(default_factory=lambda: {"lora": (2e-4, 1e-3), "offprincipal": (2e-4, 1e-3), "full": (2e-5, 1e-4)})
     ablation_top_k: tuple = (8, 128)
+    # arms at a fixed rate besides their family's chosen one (as many seeds as the multi-seed methods): LoRA and
+    # PiSSA at OffPrincipal's rate, so that the comparison does not hinge on the sweep's choice for LoRA
+    fixed_lr: tuple = (("lora", 2e-4), ("pissa", 2e-4))
 
     def settings(self) -> dict:
         keys = ("model", "task", "steps", "num_generations", "prompts_per_step", "max_completion_length",
@@ -87,10 +90,11 @@ class RunSpec:
     top_k: int
     arm: str
     sweep: bool = False  # part of the learning-rate sweep (seed 0 of a swept method)
+    fixed_lr: bool = False  # an arm of Suite.fixed_lr (its own run ids: seed 0 may repeat a sweep run, on purpose)
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}-k{self.top_k}-lr{self.lr:g}-s{self.seed}"
+        return f"{self.method}-k{self.top_k}-lr{self.lr:g}-s{self.seed}" + ("-fixed" if self.fixed_lr else "")
 
 
 class Paths:
@@ -146,6 +150,9 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
         specs += [RunSpec(method, seed, lr, suite.top_k, method) for seed in seeds]
         if method == "offprincipal":
             specs += [RunSpec(method, 0, lr, k, f"offprincipal k={k}") for k in suite.ablation_top_k]
+    for method, lr in suite.fixed_lr:
+        specs += [RunSpec(method, seed, lr, suite.top_k, f"{method} lr={lr:g}", fixed_lr=True)
+                  for seed in range(suite.seeds)]
     unique = {}
     for spec in specs:
         unique.setdefault(spec.run_id, spec)
@@ -288,7 +295,8 @@ def _update_roles(suite: Suite, paths: Paths, chosen: dict) -> None:
         _write_json(paths.selection, {"criterion": "highest mean training reward over all steps, seed 0", **chosen})
     for run_id, record in paths.done().items():
         spec = RunSpec(record["method"], record["seed"], record["lr"], record["top_k"], record["arm"],
-                       sweep=record["method"] in suite.sweep and record["seed"] == 0 and record["top_k"] == suite.top_k)
+                       sweep=record["method"] in suite.sweep and record["arm"] == record["method"]
+                       and record["seed"] == 0 and record["top_k"] == suite.top_k)
         if record["role"] != role(spec, chosen):
             _write_json(paths.record(run_id), {**record, "role": role(spec, chosen)})
 
@@ -363,6 +371,8 @@ def _suite_from(args) -> Suite:
     if args.sweep:
         overrides["sweep"] = {m: tuple(float(x) for x in lrs.split(",")) for m, lrs in
                               (item.split("=") for item in args.sweep)}
+    if args.fixed_lr is not None:
+        overrides["fixed_lr"] = tuple((m, float(lr)) for m, lr in (item.split("=") for item in args.fixed_lr))
     if args.ablation_top_k:
         overrides["ablation_top_k"] = tuple(args.ablation_top_k)
     return Suite(**overrides)
@@ -385,9 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     g.add_argument("--seeds", type=int, default=None, help="seeds of the multi-seed methods (default: 3)")
-    g.add_argument("--single-seeds", type=int, default=None, help="seeds of the other methods (default: 1)")
+    g.add_argument("--single-seeds", type=int, default=None, help="seeds of the other methods (default: 2)")
     g.add_argument("--sweep", nargs="+", default=None, metavar="METHOD=LR,LR",
                    help="learning-rate sweep (default: lora=2e-4,1e-3 offprincipal=2e-4,1e-3 full=2e-5,1e-4)")
+    g.add_argument("--fixed-lr", nargs="*", default=None, metavar="METHOD=LR",
+                   help="extra arms at a fixed rate (default: lora=2e-4 pissa=2e-4; none: pass the flag alone)")
     g.add_argument("--ablation-top-k", type=int, nargs="+", default=None, help="OffPrincipal top-k ablation (8 128)")
     return p
 

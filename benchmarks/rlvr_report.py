@@ -236,6 +236,8 @@ READING = [
     ("sparse-safe", "sparse-random", "accuracy_after", False), ("sft", "full", "nss_mean", False),
     ("sft", "full", "max_angle_mean", False), ("offprincipal", "lora", "step_time_s", True),
     ("offprincipal", "lora", "peak_mem_mb", True),
+    # the arms at a fixed rate (benchmarks/rlvr.py Suite.fixed_lr): LoRA and PiSSA at OffPrincipal's rate
+    ("offprincipal", "lora lr=0.0002", "accuracy_after", False), ("pissa lr=0.0002", "lora lr=0.0002", "accuracy_after", False),
 ]
 
 

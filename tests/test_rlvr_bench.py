@@ -52,7 +52,8 @@ def suite(tmp_path_factory):
     argv = [
         "run", "--suite", "tiny", "--results", tmp / "results", "--runs", tmp / "runs", "--model", model,
         "--steps", 2, "--eval-n", 4, "--num-generations", 4, "--max-completion-length", 6, "--rank", 4, "--top-k", 8,
-        "--metrics-k", 8, "--no-bf16", "--device", "cpu", "--seeds", 2, "--ablation-top-k", 2, 12,
+        "--metrics-k", 8, "--no-bf16", "--device", "cpu", "--seeds", 2, "--single-seeds", 1, "--ablation-top-k", 2, 12,
+        "--fixed-lr", "lora=1e-2",
         "--sweep", "lora=1e-3,1e-2", "offprincipal=1e-3,1e-2", "full=1e-4,1e-3",
     ]
 
@@ -80,7 +81,8 @@ def test_every_arm_runs_and_records_are_well_formed(suite, capsys):
     records = suite.records()
     assert {r["method"] for r in records.values()} == METHODS
     # 5 multi-seed methods × 2 seeds + 7 single-seed + 2 ablation runs + 3 sweep runs at the rate not chosen
-    assert len(records) == 5 * 2 + 7 + 2 + 3
+    # + 2 seeds of LoRA at the fixed rate 1e-2
+    assert len(records) == 5 * 2 + 7 + 2 + 3 + 2
     for run_id, r in records.items():
         assert FIELDS <= set(r), f"{run_id} lacks {FIELDS - set(r)}"
         assert r["run_id"] == run_id and r["steps"] == 2 and r["role"] in ("main", "sweep")
@@ -103,6 +105,12 @@ def test_every_arm_runs_and_records_are_well_formed(suite, capsys):
                   {"lora": ("dora", "pissa", "mica"), "offprincipal": ("offprincipal",),
                    "full": ("full-offprincipal", "osf", "sparse-safe", "sft")}[method]]
         assert family and all(r["lr"] == chosen for r in family)
+    fixed = [r for r in records.values() if r["arm"] == "lora lr=0.01"]
+    assert sorted(r["seed"] for r in fixed) == [0, 1] and all(r["role"] == "main" for r in fixed)
+    if selection["lora"]["lr"] != 1e-2:  # then seed 0 repeats the sweep run at 1e-2, which stays a sweep record
+        twin = records["lora-k8-lr0.01-s0"]
+        assert twin["role"] == "sweep" and twin["arm"] == "lora"
+        assert twin["accuracy_after"] == fixed[0]["accuracy_after"] and twin["loss_curve"] == fixed[0]["loss_curve"]
     report = (suite.folder / "report.md").read_text()
     assert all(method in report for method in METHODS)
 
