@@ -582,7 +582,7 @@ def _add_train(sub) -> None:
                     "folder with the weights, metrics.jsonl and report.md (+ PNG plots).",
     )
     p.add_argument("--method", choices=list(METHODS), default="offprincipal",
-                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()) + " (default: offprincipal)")
+                   help="; ".join(f"{k}: {v}" for k, v in METHODS.items()).replace("%", "%%") + " (default: offprincipal)")
     from .tasks import TASKS
 
     p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")

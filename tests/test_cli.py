@@ -253,7 +253,7 @@ def no_run_folder(path: Path) -> bool:
 @pytest.mark.parametrize(
     "overrides,needles",
     [
-        ({"--method": "dora"}, ("--method", "dora", "offprincipal")),
+        ({"--method": "qlora"}, ("--method", "qlora", "offprincipal", "sparse-safe")),
         ({"--task": "chess"}, ("--task", "chess", "arithmetic")),
         ({"--model": "/nonexistent/model"}, ("--model", "/nonexistent/model")),
         ({"--top-k": 24}, ("--top-k 24", "k_proj", "< 24")),  # k_proj is 24×48
