@@ -308,7 +308,9 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
         chosen = select_lr(suite, paths.done())
         for spec in plan(suite, chosen):
             print(f"{'done' if spec.run_id in paths.done() else 'todo'}  {spec.run_id}  ({spec.arm})")
-        print(f"runs whose learning rate waits on the sweep are not listed; chosen so far: {chosen or 'none'}")
+        waiting = sorted(set(suite.sweep) - set(chosen))
+        print(f"learning rates chosen: { {m: c['lr'] for m, c in chosen.items()} or 'none yet'}"
+              + (f"; the methods that take the rate of {', '.join(waiting)} are not listed yet" if waiting else ""))
         return 0
     lock = open(paths.runs / ".lock", "w")
     try:
