@@ -141,7 +141,7 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
 
     specs = sweep_specs(suite)
     for method in (*MULTI_SEED, *SINGLE_SEED):
-        family = LR_FAMILY[method]
+        family = method if method in suite.sweep else LR_FAMILY[method]  # its own sweep, if it has one
         if family in suite.sweep and family not in chosen:
             continue  # waits for its family's sweep
         lr = chosen[family]["lr"] if family in chosen else DEFAULT_LR[CLI_METHOD.get(family, family)]
