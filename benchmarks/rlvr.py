@@ -305,9 +305,10 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
     paths.records.mkdir(parents=True, exist_ok=True)
     paths.runs.mkdir(parents=True, exist_ok=True)
     if dry_run:
-        chosen = select_lr(suite, paths.done())
+        done = paths.done()
+        chosen = select_lr(suite, done)
         for spec in plan(suite, chosen):
-            print(f"{'done' if spec.run_id in paths.done() else 'todo'}  {spec.run_id}  ({spec.arm})")
+            print(f"{'done' if spec.run_id in done else 'todo'}  {spec.run_id}  ({spec.arm})")
         waiting = sorted(set(suite.sweep) - set(chosen))
         print(f"learning rates chosen: { {m: c['lr'] for m, c in chosen.items()} or 'none yet'}"
               + (f"; the methods that take the rate of {', '.join(waiting)} are not listed yet" if waiting else ""))
@@ -324,8 +325,9 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
     running: dict[str, tuple[RunSpec, subprocess.Popen, float]] = {}
     failed: list[str] = []
     while True:
-        chosen = select_lr(suite, paths.done())
-        todo = [s for s in plan(suite, chosen) if s.run_id not in paths.done() and s.run_id not in running
+        done = paths.done()  # read once per pass: every record file is parsed
+        chosen = select_lr(suite, done)
+        todo = [s for s in plan(suite, chosen) if s.run_id not in done and s.run_id not in running
                 and s.run_id not in failed]
         while todo and len(running) < workers:
             spec = todo.pop(0)
@@ -334,8 +336,8 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
                 _finish(suite, paths, spec, folder, accuracy_before, workers, device, keep_weights)
                 continue
             shutil.rmtree(folder, ignore_errors=True)
-            log = open(paths.runs / f"{spec.run_id}.log", "w")
-            proc = subprocess.Popen(train_command(suite, spec, folder), env=_env(threads), stdout=log, stderr=log)
+            with open(paths.runs / f"{spec.run_id}.log", "w") as log:  # the child keeps its own descriptor
+                proc = subprocess.Popen(train_command(suite, spec, folder), env=_env(threads), stdout=log, stderr=log)
             running[spec.run_id] = (spec, proc, time.time())
             print(f"start  {spec.run_id}  ({len(paths.done())} done, {len(running)} running)", flush=True)
         if not running:

@@ -169,7 +169,7 @@ def test_train_baselines(run, method, weights):
 @pytest.mark.parametrize("kind", ["principal", "safe", "random"])
 def test_train_sparse_masks(run, tiny_dir, kind):
     """Entries outside the fixed mask keep their base value bit for bit; the mask has the documented density."""
-    from offprincipal.sparse import sparse_masks
+    from offprincipal.sparse import mask_density, sparse_masks
 
     folder = run(f"sparse-{kind}")
     _, summary = assert_complete_run(folder, "model")
@@ -180,7 +180,7 @@ def test_train_sparse_masks(run, tiny_dir, kind):
         changed = tuned[f"{name}.weight"] != weight
         assert changed.any(), f"{name} did not train"
         assert not (changed & ~masks[name]).any(), f"{name}: a masked entry moved"
-    density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    density = mask_density(masks)
     assert density == pytest.approx(0.5, abs=1e-3) if kind == "principal" else 0.6 < density < 0.9
     full = sum(p.numel() for p in make_tiny_model("llama").parameters())
     masked_out = sum(int((~m).sum()) for m in masks.values())
