@@ -48,7 +48,6 @@ from .subspace import (
     Subspace,
     SubspaceCache,
     TopK,
-    _method_tag,
     compute_subspaces,
     default_cache_dir,
     fingerprint,
@@ -183,7 +182,7 @@ class PrincipalBases:
     ) -> "PrincipalBases":
         for name, p in named.items():
             check_not_flattened(owner, name, p)
-        tag = _method_tag(svd_method, DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
+        tag = SubspaceCache.tag(svd_method, DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
         if subspaces is not None:
             return cls(owner, cls._given(owner, named, subspaces, tag), cache_dir, progress)
         chosen = {name: p for name, p in named.items() if cls.eligible(name, p, exclude)}

@@ -17,8 +17,15 @@ Two methods:
   0.99999 / 1.0000.
 
 Results are cached on disk (safetensors, one file per weight) under a key made of a fingerprint of the
-weight's bytes, k and the method with its settings. A cached file whose stored fingerprint, shape or k
-does not match is recomputed and overwritten, never used.
+weight's bytes, k and the method with its settings (:class:`SubspaceCache`; keys are validated data, never
+paths). A cached file whose stored fingerprint, shape or k does not match, or whose bases fail
+:func:`certify_subspace` against the weight, is recomputed (with a warning naming the file) and overwritten,
+never used. An unwritable cache location gives one warning and the run goes on uncached.
+
+Bases that do not come from a fresh SVD of the live weight — cache hits, optimizer state dicts, bases given by
+the user — are certified with :func:`certify_subspace` before use: finite, orthonormal, singular pairs of W
+(W·V = U·diag(S), Uᵀ·W = diag(S)·Vᵀ), and the top k (the residual W − U·diag(S)·Vᵀ has no singular value
+much above the smallest kept one).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -172,6 +180,151 @@ def captured_energy(weight: torch.Tensor, subspace: Subspace) -> float:
     return float((U.T @ W @ V).square().sum() / sigma.square().sum())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# certification: bases that do not come from a fresh SVD of the live weight prove themselves before use
+
+CERTIFY_TOPK_TOL = 0.5
+"""Default ``topk_tol`` of :func:`certify_subspace`: the part of W outside the bases may have a top singular value
+of at most ``S_k · 1.5``. A fresh SVD gives σ_{k+1} ≤ S_k; off-principal training adds at most ‖ΔW‖₂ to it."""
+
+CERTIFY_NITER = 6
+CERTIFY_BLOCK = 4
+_CERTIFY_SIDES = ("both", "left", "right")
+
+
+class SubspaceMismatch(ValueError):
+    """Bases that are not a top-k singular basis of the weight they are checked against
+    (raised by :func:`certify_subspace`; its message says which check failed and by how much)."""
+
+
+def pair_tolerance(dtype: torch.dtype) -> float:
+    """Default relative tolerance of the singular-pair identities for a weight stored in ``dtype``:
+    ``max(1e-3, 8·eps(dtype))`` — 1e-3 for fp32/fp64, 7.8e-3 for fp16, 0.0625 for bf16 (rounding of the stored
+    weight after training moves W·V away from U·diag(S) by a few units of its last place)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(1e-3, 8.0 * eps)
+
+
+def subspace_from_bases(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> Subspace:
+    """A :class:`Subspace` from bases given without singular values: ``S = diag(Uᵀ W V)`` (fp32).
+
+    For a true top-k pair (U, V) of W this is exactly the top-k singular values (with the columns' signs);
+    :func:`certify_subspace` then checks the pairs against W as for any other basis.
+    """
+    W = weight.detach().to(torch.float32)
+    U = U.detach().to(device=W.device, dtype=torch.float32)
+    V = V.detach().to(device=W.device, dtype=torch.float32)
+    if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[1] or U.shape[0] != W.shape[0] or V.shape[0] != W.shape[-1]:
+        raise SubspaceMismatch(
+            f"bases U {tuple(U.shape)}, V {tuple(V.shape)} do not fit a weight of shape {tuple(W.shape)}: "
+            "U must be (out, k) and V (in, k)"
+        )
+    S = ((U.T @ W) * V.T).sum(dim=1)
+    return Subspace(U.contiguous(), S.contiguous(), V.contiguous())
+
+
+def certify_subspace(
+    weight: torch.Tensor,
+    subspace: Union[Subspace, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    sides: str = "both",
+    tol: Optional[float] = None,
+    topk_tol: float = CERTIFY_TOPK_TOL,
+    niter: int = CERTIFY_NITER,
+    seed: int = DEFAULT_SEED,
+    name: str = "",
+) -> None:
+    """Check that ``subspace`` is a top-k singular basis of ``weight`` (m×n, (out, in) orientation); raise
+    :class:`SubspaceMismatch` saying what does not match, else return ``None``.
+
+    A ``(U, V)`` tuple gets ``S = diag(Uᵀ W V)`` (:func:`subspace_from_bases`). The checks, in fp32 on the
+    weight's device, with ``tol = pair_tolerance(weight.dtype)`` unless given:
+
+    1. shapes U (m, k), S (k,), V (n, k); every entry of U, S, V finite;
+    2. orthonormal columns: ``max |UᵀU − I|, max |VᵀV − I| ≤ 1e-4``;
+    3. singular pairs: ``‖W·V − U·diag(S)‖_F ≤ tol·‖S‖_F`` (right) and ``‖Uᵀ·W − diag(S)·Vᵀ‖_F ≤ tol·‖S‖_F``
+       (left). ``sides`` names the identities that must hold: off-principal training with ``sides="both"``
+       keeps both exactly (Uᵀ P(D) = 0 and P(D) V = 0), ``"left"`` keeps the left one, ``"right"`` the right one;
+       a fresh SVD satisfies both;
+    4. top k: ``σ₁(W − U·diag(S)·Vᵀ) ≤ min|S| · (1 + topk_tol)``, with σ₁ estimated by ``niter`` block power
+       iterations (block of 4, seeded by ``seed``) on the residual as an operator, never formed. A fresh SVD
+       gives σ_{k+1} ≤ σ_k; after off-principal training σ₁ grows by at most ‖ΔW‖₂, so the default
+       ``topk_tol`` passes any resume whose update is smaller than half of the k-th singular value, while
+       bases of minor directions (σ₁(W) against a small S) fail. The estimate is a lower bound of σ₁, so
+       this check never refuses a genuine basis because of the iteration count.
+
+    Cost: two (m×n)·(n×k) products for the pairs, ``2·niter`` products with a block of 4 for the power
+    iterations: O(m·n·(k + 8·niter)), against O(m·n·min(m, n)) for the SVD it replaces.
+    """
+    what = f"the bases of {name!r}" if name else "the bases"
+    if sides not in _CERTIFY_SIDES:
+        raise ValueError(f"certify_subspace: sides must be one of {_CERTIFY_SIDES}, got {sides!r}")
+    if weight.ndim != 2:
+        raise ValueError(f"certify_subspace: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if tol is None:
+        tol = pair_tolerance(weight.dtype)
+    if not isinstance(subspace, Subspace):
+        U, V = subspace
+        if not (torch.isfinite(U).all() and torch.isfinite(V).all()):
+            raise SubspaceMismatch(f"{what}: U or V has a non-finite entry (NaN or inf)")
+        subspace = subspace_from_bases(weight, U, V)
+    W = weight.detach().to(torch.float32)
+    U, S, V = (t.detach().to(device=W.device, dtype=torch.float32) for t in (subspace.U, subspace.S, subspace.V))
+    m, n = W.shape
+    if U.ndim != 2 or V.ndim != 2 or S.ndim != 1 or U.shape != (m, S.shape[0]) or V.shape != (n, S.shape[0]):
+        raise SubspaceMismatch(
+            f"{what}: shapes U {tuple(U.shape)}, S {tuple(S.shape)}, V {tuple(V.shape)} do not fit a weight of "
+            f"shape {(m, n)} (U must be (out, k), S (k,), V (in, k))"
+        )
+    k = S.shape[0]
+    for label, t in (("U", U), ("S", S), ("V", V)):
+        if not torch.isfinite(t).all():
+            raise SubspaceMismatch(f"{what}: {label} has a non-finite entry (NaN or inf)")
+    eye = torch.eye(k, device=W.device)
+    for label, t in (("U", U), ("V", V)):
+        err = float((t.T @ t - eye).abs().max())
+        if not err <= 1e-4:
+            raise SubspaceMismatch(f"{what}: the columns of {label} are not orthonormal (max |{label}ᵀ{label} − I| = {err:.2e} > 1e-4)")
+    scale = float(S.norm()) or float(W.norm()) or 1.0
+    checks = []
+    if sides in ("both", "right"):
+        checks.append(("W·V = U·diag(S)", W @ V - U * S))
+    if sides in ("both", "left"):
+        checks.append(("Uᵀ·W = diag(S)·Vᵀ", U.T @ W - S[:, None] * V.T))
+    for label, residual in checks:
+        rel = float(residual.norm()) / scale
+        if not rel <= tol:
+            raise SubspaceMismatch(
+                f"{what} are not singular pairs of this weight: ‖{label.replace(' = ', ' − ')}‖_F / ‖S‖_F = {rel:.2e} > "
+                f"{tol:.1e} (they belong to another weight, or are damaged)"
+            )
+    s_k = float(S.abs().min())
+    top = _residual_top_singular_value(W, U, S, V, niter, seed)
+    bound = s_k * (1 + topk_tol)
+    if not top <= bound + 1e-6 * scale:
+        raise SubspaceMismatch(
+            f"{what} are singular pairs of this weight but not its top {k}: the part of the weight outside them has a "
+            f"singular value ≥ {top:.4g}, above the smallest kept one {s_k:.4g} × (1 + {topk_tol:g})"
+        )
+
+
+def _residual_top_singular_value(W, U, S, V, niter: int, seed: int) -> float:
+    """Lower bound of σ₁(W − U diag(S) Vᵀ) from ``niter`` block power iterations (never forms the residual)."""
+    m, n = W.shape
+    block = min(CERTIFY_BLOCK, m, n)
+    gen = torch.Generator(device=W.device).manual_seed(seed)
+    Q = torch.randn(n, block, device=W.device, dtype=W.dtype, generator=gen)
+    Q = torch.linalg.qr(Q).Q
+    for _ in range(max(niter, 1)):
+        Y = W @ Q - U @ (S[:, None] * (V.T @ Q))  # R Q, (m, block)
+        Z = W.T @ Y - V @ (S[:, None] * (U.T @ Y))  # Rᵀ R Q, (n, block)
+        if not torch.isfinite(Z).all() or float(Z.abs().max()) == 0.0:
+            break
+        Q = torch.linalg.qr(Z).Q
+    Y = W @ Q - U @ (S[:, None] * (V.T @ Q))
+    return float(torch.linalg.matrix_norm(Y, ord=2))
+
+
 def fingerprint(weight: torch.Tensor) -> str:
     """BLAKE2b digest (32 hex chars) of a tensor's dtype, shape and bytes."""
     t = weight.detach().contiguous().cpu()
@@ -181,22 +334,68 @@ def fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _method_tag(method: str, oversample: int, niter: int, seed: int) -> str:
-    return "exact" if method == "exact" else f"randomized-o{oversample}-n{niter}-s{seed}"
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{32}")
+"""The only form a fingerprint (:func:`fingerprint`) takes: 32 lowercase hex digits."""
+_TAG_RE = re.compile(r"exact|randomized-o[0-9]{1,6}-n[0-9]{1,6}-s[0-9]{1,20}")
+
+_unusable_warned: set[str] = set()
 
 
 class SubspaceCache:
-    """Content-addressed store of :class:`Subspace` files: ``<dir>/<fp[:2]>/<fp>-<method>-k<k>.safetensors``."""
+    """Content-addressed store of :class:`Subspace` files: ``<dir>/<fp[:2]>/<fp>-<tag>-k<k>.safetensors``.
+
+    Keys are data, never paths: a fingerprint is 32 lowercase hex digits, a tag one of :meth:`tag`'s forms and k
+    a positive int; :meth:`path` refuses anything else (e.g. a crafted ``../`` in a state dict's metadata), so
+    no file outside :attr:`directory` is ever read or written. Files are written to a temporary name and renamed
+    (the temporary file is removed on failure). A location that cannot be written (a file where a folder should
+    be, no permission) gives one warning per folder and :meth:`store` returns ``False``; callers go on without
+    the cache. What :meth:`load` returns has the file's header checked (fingerprint, tag, format version,
+    shapes, k, fp32) and, when the ``weight`` is given, is certified against it (:func:`certify_subspace`).
+    """
 
     def __init__(self, directory: Union[str, os.PathLike]):
         self.directory = Path(directory)
 
+    @classmethod
+    def for_dir(cls, cache_dir: Union[str, os.PathLike, None, bool]) -> Optional["SubspaceCache"]:
+        """The cache a ``cache_dir`` option names: ``None``/``True`` → :func:`default_cache_dir`, ``False`` → no
+        cache (``None``), else that folder."""
+        if cache_dir is False:
+            return None
+        return cls(default_cache_dir() if cache_dir in (None, True) else cache_dir)
+
+    @staticmethod
+    def tag(method: str, oversample: int = DEFAULT_OVERSAMPLE, niter: int = DEFAULT_NITER, seed: int = DEFAULT_SEED) -> str:
+        """The part of a key that names the SVD method and its settings: ``"exact"`` or
+        ``"randomized-o<oversample>-n<niter>-s<seed>"``."""
+        if method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
+        return "exact" if method == "exact" else f"randomized-o{int(oversample)}-n{int(niter)}-s{int(seed)}"
+
+    @staticmethod
+    def check_key(fp, k, tag) -> None:
+        """Raise ``ValueError`` unless ``fp`` is a fingerprint, ``k`` a positive int and ``tag`` a :meth:`tag`."""
+        if not isinstance(fp, str) or not FINGERPRINT_RE.fullmatch(fp):
+            raise ValueError(f"subspace cache: {fp!r} is not a weight fingerprint (32 lowercase hex digits)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"subspace cache: k must be a positive int, got {k!r}")
+        if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag):
+            raise ValueError(f"subspace cache: {tag!r} is not an SVD method tag ('exact' or 'randomized-o<int>-n<int>-s<int>')")
+
     def path(self, fp: str, k: int, tag: str) -> Path:
+        """Where the entry (fp, k, tag) lives; ``ValueError`` for a malformed key."""
+        self.check_key(fp, k, tag)
         return self.directory / fp[:2] / f"{fp}-{tag}-k{k}.safetensors"
 
-    def load(self, fp: str, shape: tuple[int, int], k: int, tag: str, device) -> Optional[Subspace]:
+    def load(
+        self, fp: str, shape: tuple[int, int], k: int, tag: str, device, *, weight: Optional[torch.Tensor] = None
+    ) -> Optional[Subspace]:
+        """The stored entry, or ``None`` (with a warning naming the file) when it is missing, unreadable, its
+        header does not match the key, or — with ``weight`` — it fails :func:`certify_subspace` against it
+        (randomized entries are checked on their exact identity, Uᵀ·W = diag(S)·Vᵀ: Rayleigh–Ritz pairs satisfy
+        that one exactly and the other only up to the range finder's error)."""
         path = self.path(fp, k, tag)
-        if not path.exists():
+        if not path.is_file():
             return None
         try:
             from safetensors import safe_open
@@ -219,16 +418,40 @@ class SubspaceCache:
         if not ok:
             logger.warning("subspace cache file %s does not match its weight (fingerprint/shape/k); recomputing", path)
             return None
+        if weight is not None:
+            try:
+                certify_subspace(weight, sub, sides="both" if tag == "exact" else "left")
+            except SubspaceMismatch as exc:
+                logger.warning("subspace cache file %s failed its check against the weight (%s); recomputing", path, exc)
+                return None
         return sub
 
-    def store(self, fp: str, k: int, tag: str, sub: Subspace) -> None:
+    def store(self, fp: str, k: int, tag: str, sub: Subspace) -> bool:
+        """Write the entry atomically; ``False`` (one warning per folder, no file left behind) when the location
+        cannot be written."""
         path = self.path(fp, k, tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tensors = {"U": sub.U.detach().contiguous().cpu(), "S": sub.S.detach().cpu(), "V": sub.V.detach().contiguous().cpu()}
         meta = {"fingerprint": fp, "method": tag, "version": CACHE_FORMAT_VERSION, "shape": f"{sub.shape}"}
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+            return True
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            key = str(self.directory)
+            if key not in _unusable_warned:
+                _unusable_warned.add(key)
+                logger.warning(
+                    "subspace cache %s cannot be written (%s: %s); going on without the cache. Point cache_dir (or "
+                    "$OFFPRINCIPAL_CACHE_DIR) at a writable folder to keep the bases between runs.",
+                    self.directory, type(exc).__name__, exc,
+                )
+            return False
 
 
 def compute_subspaces(
@@ -256,8 +479,8 @@ def compute_subspaces(
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
-    cache = None if cache_dir is False else SubspaceCache(default_cache_dir() if cache_dir in (None, True) else cache_dir)
-    tag = _method_tag(method, oversample, niter, seed)
+    cache = SubspaceCache.for_dir(cache_dir)
+    tag = SubspaceCache.tag(method, oversample, niter, seed)
     ks = {name: resolve_top_k(top_k, tuple(w.shape), name, top_k_pattern) for name, w in weights.items()}
 
     result: dict[str, Subspace] = {}
@@ -267,7 +490,7 @@ def compute_subspaces(
     for name, w in weights.items():
         if cache is not None:
             fps[name] = fingerprint(w)
-            hit = cache.load(fps[name], tuple(w.shape), ks[name], tag, w.device)
+            hit = cache.load(fps[name], tuple(w.shape), ks[name], tag, w.device, weight=w)
             if hit is not None:
                 result[name] = hit
                 continue
@@ -288,8 +511,8 @@ def compute_subspaces(
                 subs = [top_k_subspace(weights[names[0]], ks[names[0]], method, oversample=oversample, niter=niter, seed=seed)]
             for name, sub in zip(names, subs):
                 result[name] = sub
-                if cache is not None:
-                    cache.store(fps[name], ks[name], tag, sub)
+                if cache is not None and not cache.store(fps[name], ks[name], tag, sub):
+                    cache = None  # unusable location: warned once, the run goes on uncached
             bar.update(len(names))
         elapsed = time.perf_counter() - start
         bar.set_postfix_str(f"{len(weights) - len(misses)} cached, total {elapsed:.2f} s")
