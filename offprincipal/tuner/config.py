@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -12,6 +13,7 @@ from ..subspace import SVD_METHODS
 
 PEFT_TYPE_NAME = "OFFPRINCIPAL"
 INIT_CHOICES = ("random", "minor")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -45,8 +47,14 @@ class OffPrincipalConfig(PeftConfig):
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoRA;
             ``target_modules="all-linear"`` targets every linear layer but the output head.
         bias: only ``"none"`` is supported.
-        fan_in_fan_out: set for layers that store their weight as (in, out) (GPT-2's Conv1D is detected
-            automatically).
+        fan_in_fan_out: as in LoRA: GPT-2's ``Conv1D`` (weight stored (in, out)) sets it; on ``nn.Linear`` it is
+            reset to False with LoRA's warning.
+        base_fingerprint: set when the adapter is created: one digest of the base weights it targets
+            (:mod:`offprincipal.tuner.fingerprint`), saved in ``adapter_config.json``. Leave it ``None``.
+        strict_base: what loading the adapter onto a base whose weights do not match ``base_fingerprint`` does:
+            ``False`` (default) warns, ``True`` raises ``ValueError``. Set it on load with
+            ``PeftModel.from_pretrained(model, path, strict_base=True)``; ``OFFPRINCIPAL_STRICT_BASE=1`` / ``0``
+            overrides it.
     """
 
     r: int = field(default=16, metadata={"help": "Rank of the trainable factors A (r×n), B (m×r)."})
@@ -81,6 +89,12 @@ class OffPrincipalConfig(PeftConfig):
     )
     bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "Weights stored as (in, out), e.g. GPT-2 Conv1D."})
+    base_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "Digest of the base weights the adapter was created on (set automatically)."}
+    )
+    strict_base: bool = field(
+        default=False, metadata={"help": "Refuse (True) or warn (False) when loaded onto a different base."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,3 +122,23 @@ class OffPrincipalConfig(PeftConfig):
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("OffPrincipalConfig.layers_pattern only takes effect with layers_to_transform")
         self.top_k_pattern = dict(self.top_k_pattern or {})
+        if self.base_fingerprint is not None and not (
+            isinstance(self.base_fingerprint, str) and _FINGERPRINT.fullmatch(self.base_fingerprint)
+        ):
+            raise ValueError(
+                f"OffPrincipalConfig.base_fingerprint must be None or 32 lowercase hex digits, got "
+                f"{self.base_fingerprint!r}; it is set when the adapter is created: leave it None"
+            )
+        if not isinstance(self.strict_base, bool):
+            raise TypeError(f"OffPrincipalConfig.strict_base must be True or False, got {self.strict_base!r}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader; a ``strict_base=`` keyword (e.g. from ``PeftModel.from_pretrained``) overrides the saved
+        value (PEFT would let the saved config win)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if "strict_base" in kwargs:
+            if not isinstance(kwargs["strict_base"], bool):
+                raise TypeError(f"strict_base must be True or False, got {kwargs['strict_base']!r}")
+            config.strict_base = kwargs["strict_base"]
+        return config

@@ -7,15 +7,15 @@ The effective factors are a LoRA: ΔW = s·B̃Ã, so ``lora_A = Ã`` (r×n) and 
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
 from peft import LoraConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 
@@ -59,19 +59,59 @@ def to_lora(model: torch.nn.Module, adapter_name: str = "default") -> tuple[Lora
     return lora_config, state_dict
 
 
+# What a PEFT adapter folder holds (PeftModel.save_pretrained writes the first three): save_as_lora writes into a
+# folder holding nothing else, and replaces only the files it writes itself.
+ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, "README.md", WEIGHTS_NAME})
+_TMP_PREFIX = ".save_as_lora-"
+
+
 def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default") -> LoraConfig:
-    """Write :func:`to_lora`'s adapter to ``path`` (``adapter_config.json`` + ``adapter_model.safetensors``),
-    atomically: the folder appears complete or not at all."""
+    """Write :func:`to_lora`'s adapter to the folder ``path``: ``adapter_config.json`` and
+    ``adapter_model.safetensors``.
+
+    ``path`` must be missing (it is created), empty, or an adapter folder: one holding only files of a PEFT adapter
+    (``adapter_config.json``, ``adapter_model.safetensors``, ``adapter_model.bin``, ``README.md``). Anything else
+    there raises ``FileExistsError`` naming the folder and the files, and nothing is written or removed. Each of the
+    two files is written to a temporary file in the same folder and moved into place with ``os.replace``, so it is
+    either the old file or the complete new one; other files of the folder are left untouched.
+    """
     lora_config, state_dict = to_lora(model, adapter_name)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"save_as_lora: {str(path)!r} exists and is not a folder; pass a folder path")
+    if path.is_dir():
+        foreign = sorted(e for e in os.listdir(path) if e not in ADAPTER_FILES and not e.startswith(_TMP_PREFIX))
+        if foreign:
+            shown = ", ".join(foreign[:10]) + (f", … ({len(foreign)} entries)" if len(foreign) > 10 else "")
+            raise FileExistsError(
+                f"save_as_lora: folder {str(path)!r} holds files that are not a PEFT adapter's ({shown}); it only "
+                "writes into a new, empty or adapter-only folder, and never removes what it did not write. "
+                "Choose another folder."
+            )
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in state_dict.items()}
+    writers = {
+        SAFETENSORS_WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp)),  # the weights first, the config last
+        CONFIG_NAME: lambda tmp: tmp.write_text(json.dumps(_config_dict(lora_config), indent=2, sort_keys=True)),
+    }
     try:
-        lora_config.save_pretrained(str(tmp))
-        save_file({k: v.cpu() for k, v in state_dict.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{name}.", suffix=".tmp", dir=path)
+            os.close(fd)
+            try:
+                write(Path(tmp))
+                os.replace(tmp, path / name)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)  # the temporary file this call created
+    except BaseException:
+        if created and not any(path.iterdir()):
+            path.rmdir()  # the empty folder this call created
+        raise
     return lora_config
+
+
+def _config_dict(config: LoraConfig) -> dict:
+    """``config`` as ``PeftConfig.save_pretrained`` writes it (sets as lists)."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}

@@ -40,6 +40,19 @@ def _drop_factor_caches(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_drop_factor_caches)
 
 
+def resolve_fan_in_fan_out(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
+    """The weight orientation of ``base_layer``, as LoRA decides it: ``nn.Linear`` stores (out, in), so a
+    ``fan_in_fan_out=True`` there is reset with LoRA's warning; GPT-2's ``Conv1D`` stores (in, out) and is always
+    treated so (LoRA warns there too; OffPrincipal detects it, so it sets the flag silently)."""
+    if isinstance(base_layer, Conv1D):
+        return True
+    if fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
+        )
+    return False
+
+
 class OffPrincipalLayer(BaseTunerLayer):
     """Adapter state of one wrapped layer. ``offprincipal_U``/``offprincipal_V`` hold the frozen fp32 bases
     (non-persistent: they are not saved with the adapter; see ``OffPrincipalConfig.subspace_cache_dir``)."""
@@ -63,6 +76,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         self._factor_cache: dict[str, tuple] = {}  # scratch, not state: a plain dict is never saved
+        self._unmerged_weight: Optional[tuple] = None  # scratch: (copy of the base weight, its version, its pointer)
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -71,6 +85,7 @@ class OffPrincipalLayer(BaseTunerLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             raise TypeError(f"OffPrincipal supports nn.Linear and GPT-2 Conv1D layers, got {type(base).__name__}")
+        self.fan_in_fan_out = resolve_fan_in_fan_out(base, kwargs.get("fan_in_fan_out", False))
 
     def update_layer(
         self,
@@ -130,11 +145,11 @@ class OffPrincipalLayer(BaseTunerLayer):
         """(Ã, B̃): the factors after projection, in the factors' dtype; ΔW = scaling · B̃ Ã.
 
         Outside autograd (generation, evaluation, merging) the projected factors are cached: generation would
-        otherwise re-project them for every token (SmolLM2, 8×48 greedy tokens: 19.0 s uncached vs LoRA's
-        8.1 s). The cache is dropped by every grad-enabled forward and after every ``torch.optim`` step (a
-        global step hook: fused optimizers do not bump version counters), and keyed on the tensors' version
-        counters and storage (reloads, moves, in-place edits). A write through ``.data`` outside an optimizer
-        step needs :meth:`clear_factor_cache`.
+        otherwise re-project them for every token. The cache is dropped by every grad-enabled forward and after
+        every ``torch.optim`` step (a global step hook: fused optimizers do not bump version counters), and keyed
+        on the tensors' version counters and storage (reloads, moves, in-place edits) and on whether inference
+        mode is on (factors cached under ``torch.inference_mode()`` are never reused outside it). A write through
+        ``.data`` outside an optimizer step needs :meth:`clear_factor_cache`.
         """
         A = self.offprincipal_A[adapter_name].weight
         B = self.offprincipal_B[adapter_name].weight
@@ -144,6 +159,10 @@ class OffPrincipalLayer(BaseTunerLayer):
             self._factor_cache.pop(adapter_name, None)  # training: the parameters are about to change
             return self._project_factors(A, B, U, V)
         key = tuple((t._version, t.data_ptr(), t.device) if t is not None else None for t in (A, B, U, V))
+        # Factors projected under torch.inference_mode() are inference tensors: a later grad-enabled forward (e.g.
+        # gradients w.r.t. the inputs through a frozen adapter) cannot save them for backward, so outside
+        # inference mode they are projected again.
+        key += (torch.is_inference_mode_enabled(),)
         cached = self._factor_cache.get(adapter_name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -165,6 +184,10 @@ class OffPrincipalLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._factor_cache.pop(adapter_name, None)
 
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight as it is when no adapter is merged (the copy kept by :meth:`Linear.merge` while merged)."""
+        return self._unmerged_weight[0] if self.merged and self._unmerged_weight else self.get_base_layer().weight
+
     def clear_factor_cache(self) -> None:
         """Forget the projected factors cached for no-grad forwards (see :meth:`effective_factors`)."""
         self._factor_cache.clear()
@@ -184,7 +207,7 @@ class OffPrincipalLayer(BaseTunerLayer):
 
     @property
     def _transposed(self) -> bool:
-        return isinstance(self.get_base_layer(), Conv1D) or self.kwargs.get("fan_in_fan_out", False)
+        return self.fan_in_fan_out
 
 
 class Linear(nn.Module, OffPrincipalLayer):
@@ -209,31 +232,56 @@ class Linear(nn.Module, OffPrincipalLayer):
         self.update_layer(adapter_name, r, alpha, dropout, sides, init, subspace)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the active adapters' ΔW to the base weight (TRL's vLLM sync does merge → unmerge)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        """Add the active adapters' ΔW to the base weight: W ← round(W0 + Σ ΔW) in the weight's dtype (fp32 math).
+
+        Unmerging restores W0 bit for bit in every dtype (TRL's vLLM weight sync merges and unmerges at every
+        step; subtracting ΔW again would drift a bf16/fp16 base by one rounding per cycle). For that, the first
+        merge keeps a copy of W0, so while merged each merged layer holds one extra copy of its base weight in the
+        weight's own dtype and on its device: memory + Σ over merged layers of numel(W) · element_size(W). The
+        copy is dropped by :meth:`unmerge` (and with the layer by ``merge_and_unload``).
+
+        ``safe_merge``: the merged weight is computed out of place and checked for NaN/inf first; a broken
+        adapter raises ``ValueError`` (PEFT's wording) and the base weight is left untouched.
+        """
+        adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.offprincipal_A]
+        if not adapter_names:
+            return
         weight = self.get_base_layer().weight
-        for name in adapter_names:
-            if name not in self.offprincipal_A:
-                continue
-            delta = self.get_delta_weight(name).detach()
-            with torch.no_grad():
-                merged = weight.data.float() + delta
+        with torch.no_grad():
+            merged = weight.detach().float()
+            for name in adapter_names:
+                merged = merged + self.get_delta_weight(name).detach()
                 if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights: adapter {name!r} seems to be broken")
-                weight.data.copy_(merged.to(weight.dtype))
-            self.merged_adapters.append(name)
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if not self.merged:
+                self._unmerged_weight = (weight.detach().clone(), None, None)
+            weight.copy_(merged.to(weight.dtype))  # bumps the version counter, unlike a write through .data
+            self._unmerged_weight = self._unmerged_weight[:1] + (weight._version, weight.data_ptr())
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
-        """Subtract the merged adapters' ΔW again (exact up to the weight dtype's rounding)."""
+        """Undo every merge: restore the copy of the base weight kept by :meth:`merge`, bit for bit.
+
+        If the weight was changed in place or replaced while merged (its version counter or storage moved), the
+        copy is no longer the right answer: ΔW is subtracted instead (fp32 math, one rounding), with a warning.
+        """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.offprincipal_A:
-                with torch.no_grad():
-                    weight.data.copy_((weight.data.float() - self.get_delta_weight(name).detach()).to(weight.dtype))
+        saved, version, pointer = self._unmerged_weight or (None, None, None)
+        with torch.no_grad():
+            if saved is not None and weight._version == version and weight.data_ptr() == pointer:
+                weight.copy_(saved)
+            else:
+                warnings.warn(
+                    f"offprincipal: the base weight of {type(self.get_base_layer()).__name__} was modified while "
+                    "merged; unmerge subtracts ΔW instead of restoring the saved base (not bit-exact in bf16/fp16)"
+                )
+                delta = sum(self.get_delta_weight(n).detach() for n in self.merged_adapters if n in self.offprincipal_A)
+                weight.copy_((weight.detach().float() - delta).to(weight.dtype))
+        self._unmerged_weight = None
+        self.merged_adapters.clear()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -14,7 +14,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ..subspace import Subspace, compute_subspaces, weight_matrix
 from .config import OffPrincipalConfig
-from .layer import Linear, OffPrincipalLayer
+from .fingerprint import check_base_fingerprint
+from .layer import Linear, OffPrincipalLayer, resolve_fan_in_fan_out
 
 
 def max_principal_leak(model: nn.Module, adapter_name: str = "default") -> float:
@@ -52,7 +53,10 @@ class OffPrincipalModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        self._prefetched = self._prefetch_subspaces(model, self.peft_config[adapter_name])
+        config = self.peft_config[adapter_name]
+        layers = self._targeted_layers(model, config)
+        check_base_fingerprint(layers, config, adapter_name)
+        self._prefetched = self._prefetch_subspaces(layers, config)
         try:
             super().inject_adapter(
                 model,
@@ -64,13 +68,13 @@ class OffPrincipalModel(BaseTuner):
         finally:
             self._prefetched = {}
 
-    def _targeted_weights(self, model: nn.Module, config: OffPrincipalConfig) -> dict[str, torch.Tensor]:
-        """(out, in) weights of the modules the config targets, matched with PEFT's own rules."""
+    def _targeted_layers(self, model: nn.Module, config: OffPrincipalConfig) -> dict[str, nn.Module]:
+        """The linear base layers (``nn.Linear``, ``Conv1D``) the config targets, matched with PEFT's own rules."""
         config = _maybe_include_all_linear_layers(
             self._prepare_adapter_config(copy.deepcopy(config), self.get_model_config(model)), model
         )
         tuner_prefixes = [k + "." for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        weights = {}
+        layers = {}
         for key, module in model.named_modules():
             if not key or any(key.startswith(p) for p in tuner_prefixes):
                 continue
@@ -78,12 +82,15 @@ class OffPrincipalModel(BaseTuner):
             if not match or isinstance(match, _ExcludedModule):
                 continue
             base = _linear_base(module)
-            if isinstance(base, (nn.Linear, Conv1D)) and base.weight.device.type != "meta":
-                weights[key] = weight_matrix(base, config.fan_in_fan_out)
-        return weights
+            if isinstance(base, (nn.Linear, Conv1D)):
+                layers[key] = module
+        return layers
 
-    def _prefetch_subspaces(self, model: nn.Module, config: OffPrincipalConfig) -> dict[str, Subspace]:
-        return self._compute_subspaces(self._targeted_weights(model, config), config, progress=True)
+    def _prefetch_subspaces(self, layers: dict[str, nn.Module], config: OffPrincipalConfig) -> dict[str, Subspace]:
+        weights = {
+            key: weight_matrix(_linear_base(m)) for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"
+        }
+        return self._compute_subspaces(weights, config, progress=True)
 
     @staticmethod
     def _compute_subspaces(weights, config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
@@ -112,9 +119,10 @@ class OffPrincipalModel(BaseTuner):
                 f"OffPrincipal can only adapt linear layers (nn.Linear, GPT-2 Conv1D); target module "
                 f"{current_key!r} is a {type(base).__name__}. Remove it from target_modules (or use exclude_modules)."
             )
+        config.fan_in_fan_out = resolve_fan_in_fan_out(base, config.fan_in_fan_out)  # LoRA's rule, LoRA's warning
         subspace = self._prefetched.get(current_key)
         if subspace is None:  # e.g. matched from a state_dict, or a weight that was on the meta device
-            W = weight_matrix(base, config.fan_in_fan_out)
+            W = weight_matrix(base)
             subspace = self._compute_subspaces({current_key: W}, config, progress=False)[current_key]
         kwargs = dict(
             r=config.r,

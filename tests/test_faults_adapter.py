@@ -1,0 +1,255 @@
+"""Fault injection on the adapter (issue 9): each test reproduces a finding and fails without its fix.
+
+Findings covered: 1 (save_as_lora deleted folders), 5 (fan_in_fan_out on nn.Linear), 8 (an adapter loaded onto a
+different base), 9 (bf16 merge → unmerge drifted the base), 10 (factor cache under inference mode), and PEFT's
+wording of the NaN-merge error.
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+
+import offprincipal
+from offprincipal import OffPrincipalConfig
+from offprincipal.subspace import top_k_subspace
+from offprincipal.tuner import OffPrincipalLayer, max_principal_leak
+from conftest import make_tiny_model, tiny_batch
+
+LINEAR_FLAG_WARNING = "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
+
+
+def cfg(**kw):
+    base = dict(r=4, alpha=8, top_k=8, target_modules="all-linear")
+    base.update(kw)
+    return OffPrincipalConfig(**base)
+
+
+def layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, OffPrincipalLayer)]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def train_steps(model, batch, steps=2, lr=1e-2, opt=None):
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+
+
+def base_weights(model):
+    return {n: m.get_base_layer().weight for n, m in layers(model)}
+
+
+# ---------------------------------------------------------------- finding 1: save_as_lora deletes folders
+
+
+def trained_adapter():
+    peft_model = get_peft_model(make_tiny_model("llama"), cfg(target_modules=["q_proj", "v_proj"]))
+    train_steps(peft_model, tiny_batch())
+    return peft_model
+
+
+def test_save_as_lora_refuses_a_folder_with_other_files_and_keeps_them(tmp_path):
+    peft_model = trained_adapter()
+    user = tmp_path / "work"
+    (user / "src").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    (user / "src" / "main.py").write_text("print(1)")
+    with pytest.raises(FileExistsError) as err:
+        offprincipal.save_as_lora(peft_model, user)
+    message = str(err.value)
+    assert str(user) in message and "notes.txt" in message and "src" in message
+    assert (user / "notes.txt").read_text() == "mine" and (user / "src" / "main.py").read_text() == "print(1)"
+    assert sorted(os.listdir(user)) == ["notes.txt", "src"]  # nothing written, no temp file left behind
+
+
+def test_save_as_lora_into_cwd_keeps_the_cwd(tmp_path, monkeypatch):
+    peft_model = trained_adapter()
+    (tmp_path / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match="keep.txt"):
+        offprincipal.save_as_lora(peft_model, ".")
+    assert os.listdir(tmp_path) == ["keep.txt"]
+
+
+def test_save_as_lora_replaces_only_its_own_files(tmp_path):
+    batch = tiny_batch()
+    peft_model = trained_adapter()
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(out)  # adapter-only folder: adapter_config.json, adapter_model.safetensors, README.md
+    readme = (out / "README.md").read_text()
+    offprincipal.save_as_lora(peft_model, out)
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "README.md").read_text() == readme
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    lora = PeftModel.from_pretrained(make_tiny_model("llama"), out)
+    torch.testing.assert_close(logits(lora, batch), logits(peft_model, batch), atol=1e-6, rtol=1e-5)
+    offprincipal.save_as_lora(peft_model, out)  # again, over its own files
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(FileExistsError, match="not a folder"):
+        offprincipal.save_as_lora(peft_model, out / "README.md")
+
+
+# ---------------------------------------------------------------- finding 5: fan_in_fan_out on nn.Linear
+
+
+def test_fan_in_fan_out_on_linear_warns_like_lora_and_keeps_the_true_bases():
+    batch = tiny_batch()
+    config = cfg(fan_in_fan_out=True)
+    with pytest.warns(UserWarning, match=re.escape(LINEAR_FLAG_WARNING)):
+        peft_model = get_peft_model(make_tiny_model("llama"), config)  # square and non-square (k_proj 24×48)
+    assert config.fan_in_fan_out is False
+    train_steps(peft_model, batch, steps=5)
+    for name, layer in layers(peft_model):
+        W = layer.get_base_layer().weight
+        sub = top_k_subspace(W, 8)  # the bases of W (out, in), not of Wᵀ
+        delta = layer.get_delta_weight("default")
+        assert delta.shape == W.shape
+        assert max(offprincipal.principal_leak(delta, sub.U, sub.V)) < 1e-5, name
+    out = logits(peft_model, batch)
+    peft_model.merge_adapter()
+    torch.testing.assert_close(logits(peft_model, batch), out, atol=1e-5, rtol=1e-5)
+
+
+def test_minor_init_with_fan_in_fan_out_on_linear_uses_the_weight_orientation():
+    with pytest.warns(UserWarning, match=re.escape(LINEAR_FLAG_WARNING)):
+        peft_model = get_peft_model(make_tiny_model("llama"), cfg(init="minor", fan_in_fan_out=True))
+    for name, layer in layers(peft_model):
+        A = layer.offprincipal_A["default"].weight
+        V = top_k_subspace(layer.get_base_layer().weight, 8).V
+        assert (A @ V).abs().max() < 1e-5, name
+
+
+def test_conv1d_sets_fan_in_fan_out_for_the_export():
+    config = cfg(target_modules=["c_attn"])
+    peft_model = get_peft_model(make_tiny_model("gpt2"), config)
+    assert config.fan_in_fan_out is True
+    assert offprincipal.to_lora(peft_model)[0].fan_in_fan_out is True
+
+
+# ---------------------------------------------------------------- finding 8: an adapter knows its base
+
+
+def saved_adapter(tmp_path, **kw):
+    peft_model = get_peft_model(make_tiny_model("llama"), cfg(**kw))
+    train_steps(peft_model, tiny_batch())
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return peft_model, tmp_path / "adapter"
+
+
+def test_adapter_config_records_the_base_and_same_base_loads_quietly(tmp_path, recwarn):
+    peft_model, path = saved_adapter(tmp_path)
+    recorded = json.loads((path / "adapter_config.json").read_text())["base_fingerprint"]
+    assert re.fullmatch(r"[0-9a-f]{32}", recorded)
+    assert peft_model.peft_config["default"].base_fingerprint == recorded
+    recwarn.clear()
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)
+    assert not [w for w in recwarn if "base" in str(w.message)]
+    assert torch.equal(logits(loaded, tiny_batch()), logits(peft_model, tiny_batch()))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda: make_tiny_model("llama", seed=1),  # unrelated model of the same shapes
+        lambda: make_tiny_model("llama", dtype=torch.bfloat16),  # a bf16 copy of the same base
+    ],
+    ids=["unrelated", "bf16-copy"],
+)
+def test_other_base_warns_by_default_and_refuses_when_strict(tmp_path, monkeypatch, other):
+    _, path = saved_adapter(tmp_path)
+    with pytest.warns(UserWarning, match="different base"):
+        PeftModel.from_pretrained(other(), path)
+    with pytest.raises(ValueError, match=r"different base.*strict_base"):
+        PeftModel.from_pretrained(other(), path, strict_base=True)
+    config = PeftConfig.from_pretrained(path)
+    config.strict_base = True
+    with pytest.raises(ValueError, match="different base"):
+        PeftModel.from_pretrained(other(), path, config=config)
+    monkeypatch.setenv("OFFPRINCIPAL_STRICT_BASE", "1")
+    with pytest.raises(ValueError, match="OFFPRINCIPAL_STRICT_BASE"):
+        PeftModel.from_pretrained(other(), path)
+    assert isinstance(PeftModel.from_pretrained(make_tiny_model("llama"), path), PeftModel)  # the right base loads
+
+
+def test_strict_base_recorded_at_training_applies_on_load(tmp_path):
+    _, path = saved_adapter(tmp_path, strict_base=True)
+    with pytest.raises(ValueError, match="different base"):
+        PeftModel.from_pretrained(make_tiny_model("llama", seed=1), path)
+    with pytest.raises(ValueError, match="base_fingerprint"):
+        cfg(base_fingerprint="../../etc/passwd")
+
+
+# ---------------------------------------------------------------- finding 9: merge → unmerge restores the base
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_unmerge_cycles_leave_the_base_byte_identical(dtype):
+    """TRL's vLLM weight sync merges and unmerges at every step; 50 cycles with training in between."""
+    torch.set_num_threads(1)
+    peft_model = get_peft_model(make_tiny_model("llama", dtype=dtype), cfg())
+    before = {n: w.detach().clone() for n, w in base_weights(peft_model).items()}
+    batch = tiny_batch(length=6)
+    opt = None
+    for _ in range(50):
+        opt = train_steps(peft_model, batch, steps=1, lr=2e-4, opt=opt)
+        peft_model.merge_adapter()
+        peft_model.unmerge_adapter()
+    for n, w in base_weights(peft_model).items():
+        assert torch.equal(w.view(torch.int16), before[n].view(torch.int16)), n
+    assert max_principal_leak(peft_model) < 1e-5
+
+
+def test_merged_weight_is_base_plus_delta_and_disable_restores_it():
+    peft_model = get_peft_model(make_tiny_model("llama", dtype=torch.bfloat16), cfg())
+    train_steps(peft_model, tiny_batch(), steps=2)
+    name, layer = layers(peft_model)[0]
+    W0 = layer.get_base_layer().weight.detach().clone()
+    layer.merge()
+    expected = (W0.float() + layer.get_delta_weight("default")).to(W0.dtype)
+    assert torch.equal(layer.get_base_layer().weight, expected)
+    with peft_model.disable_adapter():
+        peft_model(**tiny_batch())  # a disabled forward unmerges
+    assert torch.equal(layer.get_base_layer().weight, W0)
+
+
+# ---------------------------------------------------------------- finding 10: factor cache under inference mode
+
+
+def test_factors_cached_under_inference_mode_do_not_break_a_later_backward(tmp_path):
+    _, path = saved_adapter(tmp_path)
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)  # frozen adapter (inference)
+    batch = tiny_batch()
+    with torch.inference_mode():
+        ref = loaded(**batch).logits
+    embeds = loaded.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+    out = loaded(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    out.sum().backward()  # grads w.r.t. the inputs through the frozen adapter
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    torch.testing.assert_close(out.detach(), ref.clone(), atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- NaN merge: PEFT's wording
+
+
+def test_safe_merge_of_a_broken_adapter_uses_peft_wording_and_leaves_the_base():
+    peft_model = get_peft_model(make_tiny_model("llama"), cfg())
+    name, layer = layers(peft_model)[0]
+    W0 = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.offprincipal_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("NaNs detected in the merged weights. The adapter default seems to be broken")):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, W0) and not layer.merged
