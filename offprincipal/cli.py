@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
-import tempfile
+import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -106,6 +105,16 @@ def _resolve_device(choice: str) -> str:
     return choice
 
 
+def _resolve_precision(args) -> None:
+    """``args.bf16`` (True/False/None = the machine's best) → ``args.precision`` (with its reason) and a bool
+    ``args.bf16``; prints the choice."""
+    from .hardware import choose_precision
+
+    args.precision = choose_precision(args.device, args.bf16)
+    args.bf16 = args.precision.bf16
+    print(f"precision: {args.precision.name} ({args.precision.reason})", file=sys.stderr)
+
+
 def _model_source(value: Optional[str]) -> Optional[str]:
     """``None``/``"embedded"`` → None (the embedded SmolLM2-135M-Instruct), else the path or hub id."""
     return None if value in (None, EMBEDDED) else value
@@ -113,6 +122,30 @@ def _model_source(value: Optional[str]) -> Optional[str]:
 
 def _describe_model(value: Optional[str]) -> str:
     return "embedded SmolLM2-135M-Instruct" if _model_source(value) is None else str(value)
+
+
+def _base_spec(value: Optional[str]) -> str:
+    """How a run records its base so that ``evaluate`` can load it again: ``embedded``, an absolute path, or the
+    hub id as given."""
+    source = _model_source(value)
+    if source is None:
+        return EMBEDDED
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _base_fingerprint(model) -> str:
+    """One BLAKE2b digest over the fingerprints of the model's linear weights (names and bytes): equal only for
+    the same weights in the same dtype."""
+    import hashlib
+
+    from .metrics import linear_weights
+    from .subspace import fingerprint
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, weight in linear_weights(model, skip=()).items():
+        digest.update(f"{name}={fingerprint(weight)};".encode())
+    return digest.hexdigest()
 
 
 def _load(value: Optional[str], device: str = "cpu", option: str = "--model", dtype=None):
@@ -150,35 +183,24 @@ def _check_top_k(model, top_k: int, option: str = "--top-k") -> None:
 
 @contextmanager
 def _atomic_dir(target: Path, option: str = "--output") -> Iterator[Path]:
-    """A fresh temporary folder next to ``target``, renamed to ``target`` when the block succeeds and removed when it
-    fails, so a folder at ``target`` is always complete. ``target`` must not exist yet."""
+    """:func:`offprincipal.files.atomic_dir` with its refusals as CLIErrors naming ``option``: a folder at
+    ``target`` is always complete, a failed or interrupted command leaves nothing behind (not even a ``runs/`` it
+    created), and temporary folders of killed earlier runs are removed."""
+    from .files import atomic_dir
+
     target = Path(target).expanduser()
     if target.exists():
         raise CLIError(f"{option} {target}: already exists; pass a new folder (runs are never overwritten)")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        raise CLIError(f"{option} {target}: cannot create it ({exc.strerror or exc}); pass a writable folder") from exc
-    try:
+    with ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_dir(target))
+        except OSError as exc:
+            raise CLIError(f"{option} {target}: cannot create it ({exc.strerror or exc}); pass a writable folder") from exc
         yield tmp
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _default_output(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _machine() -> dict:
-    """What the run ran on (for reports: timings depend on it, and on the load of a shared machine)."""
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _load_average() -> Optional[float]:
@@ -375,16 +397,20 @@ def _summarize_rewards(records: list[dict], key: str = "reward") -> dict:
 
 def _run_facts(args, progress_records: list[dict], train_seconds: float, start: float, load_start) -> dict:
     """The run's settings, timings, machine and reward summary, for report.md and summary.json."""
+    from .hardware import describe_machine
+
     return {
         "method": f"{args.method} — {METHODS[args.method]}", "task": args.task, "model": _describe_model(args.model),
-        "device": args.device, "bf16": str(args.bf16), "steps": args.steps, "learning rate": args.lr,
+        "device": args.device, "bf16": str(args.bf16),
+        "precision": args.precision.name, "precision reason": args.precision.reason, "steps": args.steps, "learning rate": args.lr,
         "rank": args.rank if args.method in ("offprincipal", *LORA_VARIANTS) else "n/a", "top-k": args.top_k,
         "metrics k": args.metrics_k,
         "num generations": args.num_generations, "prompts per step": args.prompts_per_step,
         "max completion length": args.max_completion_length, "temperature": args.temperature, "seed": args.seed,
         "train seconds": round(train_seconds, 1), "wall seconds": round(time.perf_counter() - start, 1),
         "load average at start / end": f"{load_start} / {_load_average()}",
-        **{key: str(value) for key, value in _machine().items()}, **_summarize_rewards(progress_records),
+        **args.base_record, **{key: str(value) for key, value in describe_machine().items()},
+        **_summarize_rewards(progress_records),
     }
 
 
@@ -401,6 +427,7 @@ def _train_into(args, folder: Path, start: float) -> Path:
     model, tokenizer = _load(args.model, args.device)
     _check_top_k(model, args.top_k)
     _check_top_k(model, args.metrics_k, "--metrics-k")
+    args.base_record = {"base_model": _base_spec(args.model), "base_fingerprint": _base_fingerprint(model)}
     task = get_task(args.task)
     base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
 
@@ -438,6 +465,7 @@ def _train_into(args, folder: Path, start: float) -> Path:
 def cmd_train(args) -> None:
     start = time.perf_counter()
     args.device = _resolve_device(args.device)
+    _resolve_precision(args)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     args.metrics_k = args.metrics_k or args.top_k
     target = Path(args.output) if args.output else _default_output(f"{args.method}-{args.task}")
@@ -465,15 +493,41 @@ def _tuned_checkpoint(value: str) -> Path:
     return path
 
 
-def _load_tuned(base: Optional[str], tuned: Path):
-    """(tuned model, tokenizer); an adapter folder (adapter_config.json) is loaded onto BASE and merged."""
+def _recorded_base(tuned: Path) -> tuple[Optional[str], Optional[str]]:
+    """(base, base fingerprint) recorded by ``train`` in the run folder holding ``tuned`` (``run/adapter``), else
+    (None, None). Runs recorded before the base was stored name it only in their ``model`` field."""
+    summary = tuned.parent / "summary.json"
+    if tuned.name not in ("adapter", "model") or not summary.is_file():
+        return None, None
+    import json
+
+    try:
+        run = json.loads(summary.read_text())["run"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"{summary}: unreadable run summary ({exc}); pass the adapter folder and --base") from exc
+    if "base_model" in run:
+        return run["base_model"], run.get("base_fingerprint")
+    described = run.get("model")
+    return (EMBEDDED if described == _describe_model(None) else described), None
+
+
+def _load_tuned(base: Optional[str], tuned: Path, option: str = "BASE"):
+    """(tuned model, tokenizer); an adapter folder (adapter_config.json) is loaded onto its base and merged.
+
+    The base is ``base`` when given, else the one the run folder records; a given base is checked against the
+    recorded fingerprint, so an adapter is never evaluated on weights it was not trained on."""
     if not (tuned / "adapter_config.json").exists():
         return _load(str(tuned), option="TUNED")
     from peft import PeftModel
 
     import offprincipal  # noqa: F401 - registers the OffPrincipal PEFT method for adapters saved by it
 
-    model, tokenizer = _load(base, option="BASE")
+    recorded, recorded_fp = _recorded_base(tuned)
+    model, tokenizer = _load(base if base is not None else recorded, option=option)
+    if recorded_fp is not None and _base_fingerprint(model) != recorded_fp:
+        given = f"{option} {base}" if base is not None else f"the recorded base {recorded}"
+        raise CLIError(f"{given}: its weights differ from the base the run {tuned.parent} was trained on "
+                       f"({recorded}); pass that base (an adapter only makes sense on its own base)")
     return PeftModel.from_pretrained(model, str(tuned)).merge_and_unload(), tokenizer
 
 
@@ -509,8 +563,9 @@ def cmd_evaluate(args) -> None:
     from .tasks import get_task
 
     args.device = _resolve_device(args.device)
+    _resolve_precision(args)
     model, tokenizer = (_load(args.model, args.device) if args.model in (None, EMBEDDED)
-                        else _load_tuned(args.base, _tuned_checkpoint(args.model)))
+                        else _load_tuned(args.base, _tuned_checkpoint(args.model), option="--base"))
     model.to(args.device)
     start = time.perf_counter()
     accuracy = _held_out_accuracy(model, tokenizer, get_task(args.task), args)
@@ -518,7 +573,8 @@ def cmd_evaluate(args) -> None:
     print(f"held-out accuracy (greedy, first {args.eval_n} {args.task} test prompts): {_pct(accuracy)} in {seconds:.0f} s")
     if args.json:
         print(to_json({"accuracy": accuracy, "eval_n": args.eval_n, "task": args.task, "model": _describe_model(args.model),
-                       "max_completion_length": args.max_completion_length, "bf16": args.bf16, "seconds": seconds}))
+                       "max_completion_length": args.max_completion_length, "bf16": args.bf16, "precision": args.precision.name,
+                       "precision_reason": args.precision.reason, "seconds": seconds}))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -613,8 +669,10 @@ def _add_train(sub) -> None:
                         "model once and passes --no-eval-before)")
     p.add_argument("--eval-every", type=_non_negative_int, default=0,
                    help="also evaluate held-out accuracy every N steps (default: 0, only before and after)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast for training and evaluation; weights stay fp32 (default: on)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training and evaluation; weights stay fp32 (default: where the hardware "
+                        "multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512_BF16/AMX that a quick "
+                        "matmul benchmark confirms; else fp32)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="(default: auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="run folder to create (default: runs/<method>-<task>-<time>)")
@@ -648,11 +706,14 @@ def _add_evaluate(sub) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help=f"model folder, adapter folder (merged onto --base), run folder of `train`, or '{EMBEDDED}' "
                         "(default)")
-    p.add_argument("--base", default=None, help=f"base model of an adapter (default: '{EMBEDDED}')")
+    p.add_argument("--base", default=None,
+                   help=f"base model of an adapter (default: the base a run folder records, else '{EMBEDDED}'); "
+                        "checked against the base the run was trained on")
     p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")
     p.add_argument("--eval-n", type=_positive_int, default=200, help="held-out prompts (default: 200)")
     p.add_argument("--max-completion-length", type=_positive_int, default=48, help="token budget (default: 48)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default: on)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the hardware has native bf16, as for train)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="(default: auto)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     p.set_defaults(func=cmd_evaluate)
@@ -681,16 +742,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    """Entry point; returns the exit status (0 success, 2 user error)."""
-    args = None
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks (temporary run folders) clean up."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (only from the main thread, where handlers live)."""
+    def handler(signum, frame):
+        raise Terminated()
+
     try:
-        args = build_parser().parse_args(argv)
-        args.func(args)
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (0 success, 2 user error, 130 Ctrl-C, 143 SIGTERM). An interruption
+    prints one line; the command's temporary output folder is removed before it returns."""
+    args = None
+    prog = "offprincipal"
+    try:
+        with _sigterm_raises():
+            args = build_parser().parse_args(argv)
+            prog = f"offprincipal {args.command}"
+            args.func(args)
     except CLIError as exc:
-        prog = exc.args[1] if len(exc.args) > 1 else f"offprincipal {getattr(args, 'command', '')}".strip()
+        prog = exc.args[1] if len(exc.args) > 1 else prog
         print(f"{prog}: error: {exc.args[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     return 0

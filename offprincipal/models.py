@@ -12,8 +12,9 @@ and every later load reads that directory (a couple of seconds). ``model_cache_d
 
 The conversion is atomic: it is built in a temporary directory next to the target, completed with a marker
 file (:data:`MARKER`, which records the source GGUF's name and size), and then renamed into place. A directory
-without a matching marker is never loaded; a file lock serialises concurrent converters, and temporary
-directories left by an interrupted conversion are removed by the next one.
+without a matching marker is never loaded, and one without any marker of ours (a user's own folder) is never
+replaced or deleted; a file lock serialises concurrent converters, and temporary directories left by an
+interrupted conversion (they carry our owner file) are removed by the next one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+
+from .files import OWNER_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,18 @@ def _is_complete(directory: Path, expected: dict) -> bool:
         return False
 
 
+def _is_ours(directory: Path) -> bool:
+    """True when ``directory`` was written by :func:`convert_gguf` (it holds our marker file, of any version)."""
+    try:
+        return "source" in json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+class ForeignModelDirError(FileExistsError):
+    """The conversion target exists but was not written by OffPrincipal; it is never deleted or replaced."""
+
+
 def _strip_gguf_quantizer(model) -> None:
     """Detach the GGUF quantizer transformers leaves on a de-quantized model (it blocks Trainer/save)."""
     model.hf_quantizer = None
@@ -121,16 +136,19 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 
 def _remove_stale_temps(parent: Path, name: str) -> None:
-    """Delete temporary directories of interrupted conversions of ``name`` (caller holds the lock)."""
+    """Delete temporary directories of interrupted conversions of ``name`` (caller holds the lock, so no other
+    conversion is writing them); only those holding our owner file, which every conversion writes first."""
     for leftover in parent.glob(f"{_TMP_PREFIX}{name}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir() and not leftover.is_symlink() and (leftover / OWNER_FILE).is_file():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def convert_gguf(gguf_path: PathLike, target: PathLike) -> Path:
     """Convert ``gguf_path`` into a safetensors model directory ``target``, atomically; returns ``target``.
 
     The model is saved in fp32 (the exact de-quantized values). An existing complete conversion of the same
-    GGUF is kept as is; an incomplete or mismatched ``target`` is replaced.
+    GGUF is kept as is; an older or mismatched conversion of ours (it holds :data:`MARKER`) is replaced. Any other
+    existing ``target`` (a user's own folder) is left untouched: :class:`ForeignModelDirError`.
     """
     gguf, target = Path(gguf_path), Path(target)
     expected = _marker_for(gguf)
@@ -138,15 +156,23 @@ def convert_gguf(gguf_path: PathLike, target: PathLike) -> Path:
     with _exclusive_lock(target.parent / f".{target.name}.lock"):
         if _is_complete(target, expected):
             return target
+        if (target.exists() or target.is_symlink()) and not _is_ours(target):
+            raise ForeignModelDirError(
+                f"{target} exists and was not written by OffPrincipal (no {MARKER} in it), so it is neither loaded as "
+                f"the embedded model nor replaced. Point OFFPRINCIPAL_MODEL_DIR (now "
+                f"{os.environ.get('OFFPRINCIPAL_MODEL_DIR') or 'unset'}) at another folder, or move that folder away."
+            )
         _remove_stale_temps(target.parent, target.name)
         logger.info("converting %s into %s (once)", gguf, target)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
         try:
+            (tmp / OWNER_FILE).touch()
             model, tokenizer = load_gguf(gguf, dtype=torch.float32)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / MARKER).write_text(json.dumps(expected))
-            if target.exists():  # incomplete or stale: move it aside first, then swap the new one in
+            (tmp / OWNER_FILE).unlink()
+            if target.exists():  # an older conversion of ours: move it aside first, then swap the new one in
                 stale = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
                 os.replace(target, stale / "old")
                 shutil.rmtree(stale, ignore_errors=True)

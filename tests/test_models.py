@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from offprincipal import models
+from offprincipal.files import OWNER_FILE
 from conftest import make_tiny_model, make_tokenizer
 
 
@@ -106,13 +107,15 @@ def test_interrupted_conversion_leaves_nothing_loadable(fake_gguf, tmp_path, mon
     assert (target / models.MARKER).is_file()
 
 
-def test_incomplete_target_and_stale_temps_are_replaced(fake_gguf, tmp_path):
+def test_older_conversion_and_stale_temps_are_replaced(fake_gguf, tmp_path):
     gguf, calls = fake_gguf
     target = tmp_path / "models" / "M"
     target.mkdir(parents=True)
-    (target / "config.json").write_text("{half written")
+    (target / "config.json").write_text("{stale")
+    (target / models.MARKER).write_text(json.dumps({"format": 0, "source": "old.gguf", "source_size": 1}))
     stale = target.parent / f"{models._TMP_PREFIX}M-crashed"
     stale.mkdir()
+    (stale / OWNER_FILE).touch()
     models.convert_gguf(gguf, target)
     assert len(calls) == 1 and (target / models.MARKER).is_file()
     assert json.loads((target / "config.json").read_text())["model_type"] == "llama"
