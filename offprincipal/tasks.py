@@ -17,15 +17,32 @@ Calibration (default task, greedy, ``max_new_tokens=48``, fp32, batches of 25, S
 mostly answers verbosely ("To compute 59 + 63, we add the numbers 59 and 63, which results in 122.") and is
 often wrong; easier-looking variants (1-digit + 2-digit) scored no better in probes, so difficulty depends on
 the phrasing as much as on digit counts. Re-measure after changing the template or the digits.
+
+Capital cities (``get_task("capitals")``), the built-in retention task (a run trains on another task and reports
+this one before and after): "What is the capital of {country}? Answer with just the city name." for the
+countries of :data:`CAPITALS`, 100 of them held out. Answers are strings: a completion is right when, normalised
+(casefold, accents and edge punctuation removed), it is the city or ends with it ("The capital of Peru is
+Lima."). Calibration: ``benchmarks/results/retention_task_calibration.md``.
+
+The user's own tasks (``get_task("path/to/file.jsonl")``, :func:`load_jsonl_task`): one JSON object per line with
+``prompt`` (string) and ``answer`` (number or string), optional ``id``. A numeric answer is matched by the final
+number of the completion, a string answer as for the capitals; the format reward is the built-in one. The
+held-out split is chosen by a seeded hash of each prompt (:class:`ExampleTask`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
+from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Callable, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -41,6 +58,7 @@ OPERATIONS: Mapping[str, Callable[[int, int], int]] = {
 # ASCII digits only (re.ASCII), so every match converts with Fraction.
 _NUMBER = re.compile(r"(?:(?<![\w)\]])[-\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)
 _ONLY_NUMBER = re.compile(r"\s*" + _NUMBER.pattern + r"\.?\s*", re.ASCII)
+_EDGE_JUNK = re.compile(r"^[\s\"'`*.,;:!?]+|[\s\"'`*.,;:!?]+$")
 
 
 # --- parsing and rewards -----------------------------------------------------------------------------------------
@@ -66,18 +84,102 @@ def parse_final_number(text: str) -> Optional[Fraction]:
     return Fraction(matches[-1].replace(",", "").replace("\u2212", "-"))
 
 
+def numeric_answer(answer: Any) -> Optional[Fraction]:
+    """The reference ``answer`` as a Fraction when it reads as one number (``_ONLY_NUMBER``), else None."""
+    text = str(answer)
+    return parse_final_number(text) if _ONLY_NUMBER.fullmatch(text) else None
+
+
+def normalize_answer(text: str) -> str:
+    """Casefolded ``text`` without accents (NFKD, combining marks dropped), runs of whitespace made single spaces,
+    and leading/trailing whitespace, quotes, asterisks and punctuation (``.,;:!?``) removed: the form string
+    answers are compared in ("  **Bogotá.** " → "bogota")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _EDGE_JUNK.sub("", " ".join(plain.split()))
+
+
+def answer_matches(text: str, answer: Any) -> bool:
+    """Whether completion ``text`` gives the reference ``answer``.
+
+    Numeric answers (see :func:`numeric_answer`): the final number of ``text`` (:func:`parse_final_number`) equals
+    it exactly. Other answers: after :func:`normalize_answer` on both, ``text`` equals the answer or ends with it
+    right after a non-word character ("The capital of France is Paris." gives "Paris"; "Paris, France" does not).
+    """
+    number = numeric_answer(answer)
+    if number is not None:
+        return parse_final_number(text) == number
+    want, got = normalize_answer(str(answer)), normalize_answer(text)
+    return bool(want) and (got == want or (got.endswith(want) and not got[-len(want) - 1].isalnum()))
+
+
 def correctness_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs) -> list[float]:
-    """1.0 where the final number of the completion equals the answer, else 0.0 (TRL reward signature)."""
+    """1.0 where the completion gives the answer (:func:`answer_matches`), else 0.0 (TRL reward signature)."""
     if len(completions) != len(answer):
         raise ValueError(f"correctness_reward got {len(completions)} completions but {len(answer)} answers")
-    return [
-        1.0 if parse_final_number(completion_text(c)) == Fraction(str(a)) else 0.0 for c, a in zip(completions, answer)
-    ]
+    return [1.0 if answer_matches(completion_text(c), a) else 0.0 for c, a in zip(completions, answer)]
 
 
-def format_reward(completions: Sequence[Any], **kwargs) -> list[float]:
-    """1.0 where the completion is only a number (optionally with a final period), else 0.0."""
-    return [1.0 if _ONLY_NUMBER.fullmatch(completion_text(c)) else 0.0 for c in completions]
+def _is_bare_answer(text: str, answer: Any) -> bool:
+    if answer is None or numeric_answer(answer) is not None:
+        return bool(_ONLY_NUMBER.fullmatch(text))
+    words = normalize_answer(text).split()
+    return "\n" not in text.strip() and 0 < len(words) <= len(normalize_answer(str(answer)).split())
+
+
+def format_reward(completions: Sequence[Any], answer: Optional[Sequence[Any]] = None, **kwargs) -> list[float]:
+    """1.0 where the completion is only an answer, right or wrong, else 0.0.
+
+    For a numeric reference answer (or when ``answer`` is not given) that means only a number, optionally with a
+    final period; for a string answer, one line of at most as many words as the answer (after
+    :func:`normalize_answer`).
+    """
+    answers = [None] * len(completions) if answer is None else list(answer)
+    if len(answers) != len(completions):
+        raise ValueError(f"format_reward got {len(completions)} completions but {len(answers)} answers")
+    return [1.0 if _is_bare_answer(completion_text(c), a) else 0.0 for c, a in zip(completions, answers)]
+
+
+# --- what every task shares --------------------------------------------------------------------------------------
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class _QuestionAnswerTask:
+    """Rows, dataset and rewards of a task that lists (question, answer) pairs per split via ``examples``.
+
+    Subclasses are dataclasses with a ``format_weight`` field and an ``examples(split)`` method.
+    """
+
+    format_weight: float
+
+    def examples(self, split: str) -> list[tuple[str, str]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rows(self, split: str) -> list[dict]:
+        """Conversational rows ``{"prompt": [{"role": "user", "content": q}], "answer": "<answer>"}``."""
+        return [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in self.examples(split)]
+
+    def dataset(self, split: str):
+        """:meth:`rows` as a ``datasets.Dataset`` (what TRL's GRPOTrainer takes)."""
+        try:
+            from datasets import Dataset
+        except ImportError as exc:
+            raise ImportError(f"{type(self).__name__}.dataset needs `pip install datasets`; rows() works without it") from exc
+        return Dataset.from_list(self.rows(split))
+
+    @property
+    def reward_funcs(self) -> list[Callable[..., list[float]]]:
+        """Reward functions for ``GRPOTrainer(reward_funcs=...)``."""
+        return [correctness_reward] + ([format_reward] if self.format_weight else [])
+
+    @property
+    def reward_weights(self) -> list[float]:
+        """Matching weights for ``GRPOConfig(reward_weights=...)``."""
+        return [1.0] + ([self.format_weight] if self.format_weight else [])
 
 
 # --- the arithmetic task -----------------------------------------------------------------------------------------
@@ -99,7 +201,7 @@ def _random_operand(rng: random.Random, digits: int) -> int:
 
 
 @dataclass(frozen=True)
-class ArithmeticTask:
+class ArithmeticTask(_QuestionAnswerTask):
     """Integer arithmetic with exact answers; see the module docstring for the defaults and calibration.
 
     ``operand_digits`` maps each op to the digit counts of its two operands; ``n_test`` problems are drawn first
@@ -137,8 +239,7 @@ class ArithmeticTask:
 
     def problems(self, split: str) -> list[Problem]:
         """The problems of ``split`` ("train" or "test"); ops cycle in order, all problems are distinct."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        _check_split(split)
         rng = random.Random(self.seed)
         seen: set[Problem] = set()
         drawn: list[Problem] = []
@@ -160,71 +261,298 @@ class ArithmeticTask:
     def question(self, problem: Problem) -> str:
         return self.template.format(a=problem.a, op=problem.op, b=problem.b)
 
-    def rows(self, split: str) -> list[dict]:
-        """Conversational rows ``{"prompt": [{"role": "user", "content": q}], "answer": "<int>"}``."""
-        return [
-            {"prompt": [{"role": "user", "content": self.question(p)}], "answer": str(p.answer)}
-            for p in self.problems(split)
-        ]
+    def examples(self, split: str) -> list[tuple[str, str]]:
+        """(question, answer) pairs of ``split``; the answer is the integer result as a string."""
+        return [(self.question(p), str(p.answer)) for p in self.problems(split)]
 
-    def dataset(self, split: str):
-        """:meth:`rows` as a ``datasets.Dataset`` (what TRL's GRPOTrainer takes)."""
+
+# --- tasks given as a list of examples (built-in tables, the user's JSONL files) ---------------------------------
+
+
+def _split_key(seed: int, question: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\x00{question}".encode(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class ExampleTask(_QuestionAnswerTask):
+    """A fixed list of distinct (question, answer) pairs with a deterministic train/held-out split.
+
+    The held-out split is the ``n_test`` questions (default ``round(test_fraction · N)``) with the smallest
+    BLAKE2b hash of ``(seed, question)``; the rest is the train split. Both keep the order of ``pairs``. A question's
+    split depends only on its own text, the seed and where the count cuts, so adding examples moves few others.
+    """
+
+    pairs: tuple[tuple[str, str], ...]
+    n_test: Optional[int] = None
+    test_fraction: float = 0.2
+    seed: int = 0
+    format_weight: float = 0.0
+    name: str = "examples"
+    source: str = "the example list"
+
+    def __post_init__(self):
+        if self.format_weight < 0:
+            raise ValueError(f"format_weight must be ≥ 0, got {self.format_weight}")
+        if self.n_test is None and not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        questions = [q for q, _ in self.pairs]
+        if len(set(questions)) != len(questions):
+            raise ValueError(f"{self.source}: questions must be distinct")
+        n, n_test = len(self.pairs), self.held_out_count
+        if not 1 <= n_test < n:
+            raise ValueError(
+                f"{self.source}: {n} examples are too few for a split with {n_test} held-out and {n - n_test} train "
+                "examples; each split needs at least one (add rows, or set n_test / test_fraction)"
+            )
+
+    @property
+    def held_out_count(self) -> int:
+        if self.n_test is not None:
+            return self.n_test
+        return max(1, round(self.test_fraction * len(self.pairs)))
+
+    def examples(self, split: str) -> list[tuple[str, str]]:
+        """(question, answer) pairs of ``split``, in the order given."""
+        _check_split(split)
+        ranked = sorted(range(len(self.pairs)), key=lambda i: _split_key(self.seed, self.pairs[i][0]))
+        held_out = set(ranked[: self.held_out_count])
+        return [pair for i, pair in enumerate(self.pairs) if (i in held_out) == (split == "test")]
+
+
+class JsonlTaskError(ValueError):
+    """A task file that cannot be used; the message names the file and every bad line."""
+
+
+def _number_text(value: float | int) -> str:
+    """A JSON number as plain decimal text (no exponent), exactly as written in the file's value."""
+    if isinstance(value, int):
+        return str(value)
+    return format(Decimal(repr(value)), "f")
+
+
+def read_jsonl(path: Union[str, os.PathLike], what: str = "task file") -> tuple[list[tuple[int, Any]], list[str]]:
+    """(line number, parsed JSON value) of every non-blank line of ``path`` that parses, and an error message
+    ("<path>:<line>: invalid JSON (...)") for every line that does not; raises :class:`JsonlTaskError` when the
+    file cannot be read. Callers add their own checks of the values and report all errors together."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JsonlTaskError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JsonlTaskError(f"{what} {path} cannot be read as UTF-8 text: {exc}") from None
+    values, errors = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            from datasets import Dataset
-        except ImportError as exc:
-            raise ImportError("ArithmeticTask.dataset needs `pip install datasets`; rows() works without it") from exc
-        return Dataset.from_list(self.rows(split))
-
-    @property
-    def reward_funcs(self) -> list[Callable[..., list[float]]]:
-        """Reward functions for ``GRPOTrainer(reward_funcs=...)``."""
-        return [correctness_reward] + ([format_reward] if self.format_weight else [])
-
-    @property
-    def reward_weights(self) -> list[float]:
-        """Matching weights for ``GRPOConfig(reward_weights=...)``."""
-        return [1.0] + ([self.format_weight] if self.format_weight else [])
+            values.append((lineno, json.loads(line, parse_constant=_reject_constant)))
+        except ValueError as exc:
+            errors.append(f"{path}:{lineno}: invalid JSON ({exc})")
+    return values, errors
 
 
-TASKS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticTask}
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
 
 
-def get_task(name: str, **kwargs):
-    """Build the task registered as ``name`` with keyword overrides (e.g. ``get_task("arithmetic", seed=1)``)."""
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; available tasks: {sorted(TASKS)}")
-    return TASKS[name](**kwargs)
+def raise_bad_lines(errors: list[str], path, what: str = "task file", limit: int = 20) -> None:
+    """Raise one :class:`JsonlTaskError` listing ``errors`` (sorted by line; the first ``limit``), if any."""
+    if errors:
+        prefix = f"{path}:"
+        errors = sorted(errors, key=lambda e: int(e[len(prefix):].split(":", 1)[0]) if e.startswith(prefix) else 0)
+        shown = errors[:limit] + ([f"... and {len(errors) - limit} more"] if len(errors) > limit else [])
+        raise JsonlTaskError(f"{what} {path} has {len(errors)} bad line(s):\n" + "\n".join(shown))
+
+
+def _jsonl_row(path, lineno: int, row: Any) -> tuple[Optional[str], Optional[tuple[str, str]]]:
+    """(error, None) or (None, (prompt, answer text)) for one parsed line of a task file."""
+    where = f"{path}:{lineno}:"
+    if not isinstance(row, dict):
+        return f"{where} expected a JSON object with 'prompt' and 'answer', got {type(row).__name__}", None
+    missing = [key for key in ("prompt", "answer") if key not in row]
+    if missing:
+        return f"{where} missing field(s) {missing} (each line needs 'prompt' and 'answer')", None
+    prompt, answer, row_id = row["prompt"], row["answer"], row.get("id")
+    if not isinstance(prompt, str):
+        return f"{where} 'prompt' must be a string, got {type(prompt).__name__}", None
+    if not prompt.strip():
+        return f"{where} 'prompt' is empty", None
+    if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
+        return f"{where} 'answer' must be a number or a string, got {type(answer).__name__}", None
+    if isinstance(answer, str) and not normalize_answer(answer):
+        return f"{where} 'answer' is empty (or only punctuation)", None
+    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (int, str))):
+        return f"{where} 'id' must be a string or an integer, got {type(row_id).__name__}", None
+    return None, (prompt, answer if isinstance(answer, str) else _number_text(answer))
+
+
+def load_jsonl_task(
+    path: Union[str, os.PathLike],
+    n_test: Optional[int] = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    format_weight: float = 0.0,
+) -> ExampleTask:
+    """A task read from a JSONL file: one object per line, ``{"prompt": str, "answer": number | str, "id": ...}``.
+
+    ``prompt`` (non-empty, distinct across lines) is the user message; ``answer`` the reference, scored by
+    :func:`answer_matches`; ``id`` (optional, string or integer, distinct) is for the user's bookkeeping; other
+    fields are ignored; blank lines are skipped. Every bad line is reported with the file name and line number
+    in one :class:`JsonlTaskError`. The split is :class:`ExampleTask`'s; the task's name is the file's stem.
+    """
+    pairs = []
+    first_line_of: dict[str, int] = {}
+    id_line: dict[Any, int] = {}
+    rows, errors = read_jsonl(path)
+    for lineno, row in rows:
+        error, pair = _jsonl_row(path, lineno, row)
+        if error is None and pair[0] in first_line_of:
+            error = f"{path}:{lineno}: duplicate prompt (first on line {first_line_of[pair[0]]})"
+        if error is None and row.get("id") is not None and row["id"] in id_line:
+            error = f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {id_line[row['id']]})"
+        if error is not None:
+            errors.append(error)
+            continue
+        first_line_of[pair[0]] = lineno
+        if row.get("id") is not None:
+            id_line[row["id"]] = lineno
+        pairs.append(pair)
+    raise_bad_lines(errors, path)
+    try:
+        return ExampleTask(
+            tuple(pairs), n_test=n_test, test_fraction=test_fraction, seed=seed, format_weight=format_weight,
+            name=Path(path).stem, source=f"task file {path}",
+        )
+    except ValueError as exc:
+        raise JsonlTaskError(str(exc)) from None
+
+
+# --- capital cities: the built-in retention task ---------------------------------------------------------------
+
+# (country as it reads after "the capital of", capital). Only countries whose capital has one accepted name in
+# common English use (no seat-of-government splits, renamings or disputed status).
+CAPITALS: tuple[tuple[str, str], ...] = (
+    # Europe
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
+    ("the United Kingdom", "London"), ("Ireland", "Dublin"), ("Belgium", "Brussels"), ("Austria", "Vienna"),
+    ("Switzerland", "Bern"), ("Poland", "Warsaw"), ("the Czech Republic", "Prague"), ("Hungary", "Budapest"),
+    ("Greece", "Athens"), ("Sweden", "Stockholm"), ("Norway", "Oslo"), ("Denmark", "Copenhagen"),
+    ("Finland", "Helsinki"), ("Iceland", "Reykjavík"), ("Russia", "Moscow"), ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Slovakia", "Bratislava"),
+    ("Slovenia", "Ljubljana"), ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"),
+    ("Albania", "Tirana"), ("Belarus", "Minsk"), ("Malta", "Valletta"), ("Cyprus", "Nicosia"),
+    ("North Macedonia", "Skopje"), ("Montenegro", "Podgorica"), ("Bosnia and Herzegovina", "Sarajevo"),
+    ("Moldova", "Chișinău"), ("Turkey", "Ankara"), ("Armenia", "Yerevan"), ("Azerbaijan", "Baku"),
+    # Asia
+    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("South Korea", "Seoul"),
+    ("North Korea", "Pyongyang"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("the Philippines", "Manila"),
+    ("Malaysia", "Kuala Lumpur"), ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Nepal", "Kathmandu"),
+    ("Afghanistan", "Kabul"), ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"),
+    ("Syria", "Damascus"), ("Jordan", "Amman"), ("Lebanon", "Beirut"), ("Qatar", "Doha"), ("Kuwait", "Kuwait City"),
+    ("Oman", "Muscat"), ("the United Arab Emirates", "Abu Dhabi"), ("Uzbekistan", "Tashkent"),
+    ("Cambodia", "Phnom Penh"), ("Laos", "Vientiane"), ("Bhutan", "Thimphu"), ("Turkmenistan", "Ashgabat"),
+    ("Kyrgyzstan", "Bishkek"), ("Tajikistan", "Dushanbe"), ("Bahrain", "Manama"), ("Indonesia", "Jakarta"),
+    # Africa
+    ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"), ("Ghana", "Accra"),
+    ("Morocco", "Rabat"), ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Senegal", "Dakar"), ("Uganda", "Kampala"),
+    ("Zimbabwe", "Harare"), ("Zambia", "Lusaka"), ("Angola", "Luanda"), ("Sudan", "Khartoum"), ("Libya", "Tripoli"),
+    ("Mali", "Bamako"), ("Madagascar", "Antananarivo"), ("Rwanda", "Kigali"), ("Somalia", "Mogadishu"),
+    ("Botswana", "Gaborone"), ("Namibia", "Windhoek"), ("Mozambique", "Maputo"), ("Malawi", "Lilongwe"),
+    ("Niger", "Niamey"), ("Liberia", "Monrovia"), ("Sierra Leone", "Freetown"), ("Guinea", "Conakry"),
+    ("Burkina Faso", "Ouagadougou"), ("Gabon", "Libreville"), ("Eritrea", "Asmara"), ("Cameroon", "Yaoundé"),
+    ("the Democratic Republic of the Congo", "Kinshasa"), ("Mauritania", "Nouakchott"), ("Togo", "Lomé"),
+    # Americas
+    ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Cuba", "Havana"), ("Jamaica", "Kingston"),
+    ("Haiti", "Port-au-Prince"), ("Guatemala", "Guatemala City"), ("Honduras", "Tegucigalpa"),
+    ("Nicaragua", "Managua"), ("Costa Rica", "San José"), ("Panama", "Panama City"), ("Colombia", "Bogotá"),
+    ("Venezuela", "Caracas"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Argentina", "Buenos Aires"),
+    ("Uruguay", "Montevideo"), ("Paraguay", "Asunción"), ("Ecuador", "Quito"), ("Brazil", "Brasília"),
+    ("the Bahamas", "Nassau"), ("Barbados", "Bridgetown"), ("Trinidad and Tobago", "Port of Spain"),
+    ("the Dominican Republic", "Santo Domingo"), ("El Salvador", "San Salvador"), ("Belize", "Belmopan"),
+    ("Guyana", "Georgetown"), ("Suriname", "Paramaribo"),
+    # Oceania
+    ("Australia", "Canberra"), ("New Zealand", "Wellington"), ("Fiji", "Suva"), ("Papua New Guinea", "Port Moresby"),
+    ("Samoa", "Apia"),
+)
+CAPITALS_TEMPLATE = "What is the capital of {country}? Answer with just the city name."
+
+
+def capitals_task(
+    n_test: int = 100, seed: int = 0, format_weight: float = 0.0, template: str = CAPITALS_TEMPLATE
+) -> ExampleTask:
+    """Capital cities of :data:`CAPITALS`, one question per country (``template`` with ``{country}``); answers are
+    strings scored by :func:`answer_matches`. Held-out split: ``n_test`` countries chosen by :class:`ExampleTask`'s
+    hash. See the module docstring for its calibration."""
+    pairs = tuple((template.format(country=country), capital) for country, capital in CAPITALS)
+    return ExampleTask(pairs, n_test=n_test, seed=seed, format_weight=format_weight, name="capitals",
+                       source="the capitals table")
+
+
+TASKS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticTask, "capitals": capitals_task}
+
+
+def is_task_file(name: Union[str, os.PathLike]) -> bool:
+    """Whether ``name`` designates a JSONL task file (ends in ``.jsonl`` or is an existing file)."""
+    return str(name).endswith(".jsonl") or Path(name).is_file()
+
+
+def get_task(name: Union[str, os.PathLike], **kwargs):
+    """The task registered as ``name``, or the JSONL task file at path ``name`` (:func:`load_jsonl_task`), built
+    with keyword overrides (e.g. ``get_task("arithmetic", seed=1)``, ``get_task("mine.jsonl", n_test=50)``)."""
+    if str(name) in TASKS:
+        return TASKS[str(name)](**kwargs)
+    if is_task_file(name):
+        return load_jsonl_task(name, **kwargs)
+    raise KeyError(f"unknown task {str(name)!r}; available tasks: {sorted(TASKS)}, or a path to a .jsonl task file")
 
 
 # --- greedy evaluation -------------------------------------------------------------------------------------------
 
 
-def generate_completions(
-    model, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], batch_size: int = 16, max_new_tokens: int = 48
-) -> list[str]:
-    """Greedy completions (special tokens stripped) of chat ``prompts``, batched with left padding.
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
-    The tokenizer's padding side and the model's train/eval mode are restored afterwards.
-    """
+
+def generate_token_ids(
+    model, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], batch_size: int = 16, max_new_tokens: int = 48
+) -> list[list[int]]:
+    """Greedy new-token ids of each chat ``prompt`` (through the first end-of-sequence token, which is kept; no
+    padding), batched with left padding. The tokenizer's padding side and the model's train/eval mode are
+    restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     texts = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()
-    outputs: list[str] = []
+    outputs: list[list[int]] = []
     try:
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {key: value.to(model.device) for key, value in enc.items()}
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+                outputs.append(row[:end])
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs
+
+
+def generate_completions(
+    model, tokenizer, prompts: Sequence[Sequence[Mapping[str, str]]], batch_size: int = 16, max_new_tokens: int = 48
+) -> list[str]:
+    """Greedy completions (special tokens stripped) of chat ``prompts``: :func:`generate_token_ids`, decoded."""
+    ids = generate_token_ids(model, tokenizer, prompts, batch_size, max_new_tokens)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def evaluate_accuracy(

@@ -206,3 +206,140 @@ def test_rewards_plug_into_trl_grpo(tokenizer, tmp_path):
     trainer.train()
     assert seen["completion"][0]["role"] == "assistant" and seen["answer"] in {r["answer"] for r in task.rows("train")}
     assert "prompts" in seen["kwargs"]
+
+
+# --- string answers ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, answer, expected",
+    [
+        ("The capital of France is Paris.", "Paris", True),
+        ("  **paris** ", "Paris", True),
+        ("The capital of Colombia is Bogotá.", "Bogota", True),
+        ("Bogota", "Bogotá", True),
+        ("Paris, France", "Paris", False),  # the answer must end the completion
+        ("Comparis", "Paris", False),  # ... as a whole word
+        ("Kuwait", "Kuwait City", False),
+        ("", "Paris", False),
+        ("The answer is 12.", "12", True),  # numeric answers keep the final-number rule
+        ("12 apples, not 13", "12", False),
+        ("It is 1234", "1,234", True),
+        ("x = 0.5", "0.50", True),
+    ],
+)
+def test_answer_matches(text, answer, expected):
+    assert T.answer_matches(text, answer) is expected
+    assert T.correctness_reward([text], [answer]) == [float(expected)]
+
+
+def test_format_reward_for_string_answers():
+    completions = ["Paris.", "The capital is Paris.", "New Delhi", "Delhi\nindia", "12"]
+    answers = ["Paris", "Paris", "New Delhi", "New Delhi", "Paris"]
+    assert T.format_reward(completions, answers) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert T.format_reward(["12", "12 apples"], answer=["3", "3"]) == [1.0, 0.0]  # numeric: only a number
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        T.format_reward(["a", "b"], ["a"])
+
+
+# --- capitals (the built-in retention task) ----------------------------------------------------------------------
+
+
+def test_capitals_task_rows_and_split():
+    task = T.get_task("capitals")
+    test, train = task.rows("test"), task.rows("train")
+    assert len(test) == 100 and len(train) == len(T.CAPITALS) - 100
+    assert not {r["prompt"][0]["content"] for r in test} & {r["prompt"][0]["content"] for r in train}
+    assert len({country for country, _ in T.CAPITALS}) == len(T.CAPITALS)
+    by_question = {T.CAPITALS_TEMPLATE.format(country=c): a for c, a in T.CAPITALS}
+    assert all(by_question[r["prompt"][0]["content"]] == r["answer"] for r in test + train)
+    assert task.rows("test") == test and T.get_task("capitals", seed=1).rows("test") != test
+    assert T.correctness_reward([f"The capital of France is {a}." for a in ["Paris"]], ["Paris"]) == [1.0]
+
+
+# --- tasks from the user's JSONL files ---------------------------------------------------------------------------
+
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _user_rows(n=20):
+    rows = [{"prompt": f"What is {i} plus one?", "answer": i + 1, "id": f"p{i}"} for i in range(n - 4)]
+    rows += [
+        {"prompt": "Name the colour of a clear daytime sky.", "answer": "blue"},
+        {"prompt": "Half of one?", "answer": 0.5},
+        {"prompt": "A big number?", "answer": 1e21},
+        {"prompt": "Opposite of hot?", "answer": "Cold.", "extra": "ignored"},
+    ]
+    return rows
+
+
+def test_jsonl_task_end_to_end(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "mine.jsonl", _user_rows() + [""])  # a blank line is skipped
+    task = T.get_task(str(path), n_test=5)
+    assert isinstance(task, T.ExampleTask) and task.name == "mine"
+    test, train = task.rows("test"), task.rows("train")
+    assert len(test) == 5 and len(train) == 15
+    assert {r["prompt"][0]["content"] for r in test}.isdisjoint(r["prompt"][0]["content"] for r in train)
+    answers = {r["prompt"][0]["content"]: r["answer"] for r in test + train}
+    assert answers["Half of one?"] == "0.5" and answers["A big number?"] == "1000000000000000000000"
+    assert answers["What is 3 plus one?"] == "4" and answers["Opposite of hot?"] == "Cold."
+    # deterministic, and a different seed gives a different split
+    assert T.get_task(path, n_test=5).rows("test") == test
+    assert T.get_task(path, n_test=5, seed=3).rows("test") != test
+    assert len(T.get_task(path).rows("test")) == 4  # default test_fraction 0.2 of 20
+    # rewards: numbers by final number, strings by normalised end match; format reward per kind of answer
+    task = T.get_task(path, n_test=5, format_weight=0.5)
+    assert task.reward_funcs == [T.correctness_reward, T.format_reward] and task.reward_weights == [1.0, 0.5]
+    assert T.correctness_reward(["It is 4.", "cold", "warm"], ["4", "Cold.", "Cold."]) == [1.0, 1.0, 0.0]
+    ds = task.dataset("train")
+    assert len(ds) == 15 and set(ds.column_names) == {"prompt", "answer"}
+    model = make_tiny_model()
+    accuracy = T.evaluate_accuracy(model, tokenizer, task, batch_size=3, max_new_tokens=4)
+    assert 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (['{"prompt": "a?", "answer": 1', None], r"bad\.jsonl:1: invalid JSON"),
+        ([None, '["a?", 1]'], r"bad\.jsonl:2: expected a JSON object"),
+        ([None, {"prompt": "b?"}], r"bad\.jsonl:2: missing field\(s\) \['answer'\]"),
+        ([None, {"answer": 3}], r"bad\.jsonl:2: missing field\(s\) \['prompt'\]"),
+        ([None, {"prompt": "  ", "answer": 3}], r"bad\.jsonl:2: 'prompt' is empty"),
+        ([None, {"prompt": 5, "answer": 3}], r"bad\.jsonl:2: 'prompt' must be a string, got int"),
+        ([None, {"prompt": "b?", "answer": [3]}], r"bad\.jsonl:2: 'answer' must be a number or a string, got list"),
+        ([None, {"prompt": "b?", "answer": True}], r"bad\.jsonl:2: 'answer' must be a number or a string, got bool"),
+        ([None, {"prompt": "b?", "answer": " . "}], r"bad\.jsonl:2: 'answer' is empty"),
+        ([None, '{"prompt": "b?", "answer": NaN}'], r"bad\.jsonl:2: invalid JSON \(NaN is not allowed"),
+        ([None, {"prompt": "b?", "answer": 1, "id": [1]}], r"bad\.jsonl:2: 'id' must be a string or an integer"),
+        ([None, {"prompt": "a?", "answer": 2}], r"bad\.jsonl:2: duplicate prompt \(first on line 1\)"),
+        ([None, {"prompt": "b?", "answer": 2, "id": "x"}], r"bad\.jsonl:2: duplicate id 'x' \(first on line 1\)"),
+    ],
+)
+def test_jsonl_task_bad_line_is_named(tmp_path, lines, match):
+    first = {"prompt": "a?", "answer": 1, "id": "x"}
+    rows = [first if line is None else line for line in lines] + [{"prompt": f"q{i}?", "answer": i} for i in range(5)]
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(T.JsonlTaskError, match=match):
+        T.get_task(str(path))
+
+
+def test_jsonl_task_reports_every_bad_line_and_file_errors(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a?"}, {"prompt": "b?", "answer": 1}, "{oops"])
+    with pytest.raises(T.JsonlTaskError, match=r"2 bad line\(s\)") as info:
+        T.load_jsonl_task(path)
+    assert "bad.jsonl:1:" in str(info.value) and "bad.jsonl:3:" in str(info.value)
+    with pytest.raises(T.JsonlTaskError, match=r"missing\.jsonl does not exist"):
+        T.get_task(str(tmp_path / "missing.jsonl"))
+    few = _write_jsonl(tmp_path / "few.jsonl", [{"prompt": "a?", "answer": 1}])
+    with pytest.raises(T.JsonlTaskError, match=r"few\.jsonl: 1 examples are too few"):
+        T.get_task(str(few))
+    two = _write_jsonl(tmp_path / "two.jsonl", [{"prompt": "a?", "answer": 1}, {"prompt": "b?", "answer": 2}])
+    assert len(T.get_task(two).rows("train")) == 1
+    with pytest.raises(T.JsonlTaskError, match="too few"):
+        T.get_task(two, n_test=2)

@@ -1,0 +1,106 @@
+"""Calibrate the built-in retention task (capital cities) on the embedded SmolLM2-135M-Instruct.
+
+Retention (b) needs a verifiable task that a run does not train on and that the base model already does decently
+(≥ 40 % greedy accuracy, with room to move both ways). This script measures the base model's greedy accuracy on
+the task's held-out split (what ``evaluate_accuracy`` reports) and on its train split, with a Wilson 95 % interval,
+the format-reward rate, the time taken and every wrong completion, and writes them as Markdown.
+
+    .venv/bin/python benchmarks/retention_task_calibration.py --out benchmarks/results/retention_task_calibration.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="capitals")
+    p.add_argument("--splits", nargs="+", default=["test", "train"])
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    from offprincipal.models import load_model
+    from offprincipal.report import write_text_atomic
+    from offprincipal.tasks import correctness_reward, format_reward, generate_completions, get_task
+
+    load_start = os.getloadavg()[0]
+    model, tokenizer = load_model()
+    task = get_task(args.task)
+    results, wrong = [], []
+    for split in args.splits:
+        rows = task.rows(split)
+        start = time.perf_counter()
+        completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], args.batch_size,
+                                           args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        answers = [r["answer"] for r in rows]
+        correct = correctness_reward(completions, answers)
+        bare = format_reward(completions, answers)
+        k, n = int(sum(correct)), len(rows)
+        low, high = wilson(k, n)
+        results.append((split, n, k, low, high, sum(bare) / n, seconds))
+        wrong += [(split, r["prompt"][0]["content"], r["answer"], c) for r, c, ok in zip(rows, completions, correct)
+                  if not ok]
+        print(f"{split}: {k}/{n} = {k / n:.1%} (95% CI {low:.1%}–{high:.1%}) in {seconds:.0f} s", file=sys.stderr)
+
+    lines = [
+        f"# Retention task calibration: `{args.task}` on SmolLM2-135M-Instruct (greedy, fp32)",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, no GPU; load average "
+        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end (the machine is shared). torch "
+        f"{torch.__version__}. Model: `offprincipal.models.load_model()` (the embedded GGUF, de-quantized to fp32). "
+        f"Greedy, max_new_tokens={args.max_new_tokens}, batches of {args.batch_size}, left padding.",
+        "",
+        f"Command: `.venv/bin/python benchmarks/retention_task_calibration.py --task {args.task} "
+        f"--splits {' '.join(args.splits)}`",
+        "",
+        "| split | prompts | correct | accuracy | Wilson 95% interval | format reward (bare answer) | seconds |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for split, n, k, low, high, bare, seconds in results:
+        lines.append(f"| {split} | {n} | {k} | {k / n:.1%} | {low:.1%} – {high:.1%} | {bare:.1%} | {seconds:.0f} |")
+    lines += ["", f"## Wrong completions ({len(wrong)})", "", "| split | question | answer | completion |",
+              "|---|---|---|---|"]
+    for split, question, answer, completion in wrong:
+        cell = " ".join(completion.split()).replace("|", "\\|")
+        lines.append(f"| {split} | {question} | {answer} | {cell} |")
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        write_text_atomic(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
