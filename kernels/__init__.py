@@ -22,8 +22,8 @@ else:
             "offprincipal.kernels needs Triton (Linux x86_64 with a CUDA GPU); the torch backend works without it"
         ) from exc
 
-    from ._tiles import DEFAULT_PRECISION, INTERPRETED, PRECISIONS
-    from .adamw import projected_adamw_step_
+    from ._tiles import DEFAULT_PRECISION, INTERPRETED, MAX_K, PRECISIONS
+    from .adamw import projected_adamw_step_, wd_terms
     from .project import project_
 
-    __all__ = ["DEFAULT_PRECISION", "INTERPRETED", "PRECISIONS", "project_", "projected_adamw_step_"]
+    __all__ = ["DEFAULT_PRECISION", "INTERPRETED", "MAX_K", "PRECISIONS", "project_", "projected_adamw_step_", "wd_terms"]

@@ -5,36 +5,42 @@ projection is evaluated in its expanded form
 
     P(D) = D − U C' − (DV) Vᵀ,   C = UᵀD (K×N),   C' = C (I − VVᵀ) = C − (CV)Vᵀ,
 
-which equals (I − UUᵀ) D (I − VVᵀ). Pass 1 reads each tile once and accumulates C and DV with fp32 atomics
-(:func:`reduce_tile`); the host forms C' (a K×N update, O(K²N)); pass 2 re-reads the tile and subtracts
-U C' and (DV) Vᵀ (:func:`apply_tile`). One-sided variants drop the other term (C' = C for "left").
+which equals (I − UUᵀ) D (I − VVᵀ). One-sided variants drop the other term (C' = C for "left").
+
+Pass 1 (reduction, deterministic: no atomics). The grid is R × Q programs; program (r, q) owns a rectangle of
+RT row tiles × QT column tiles of X. For each of its column tiles it walks its row tiles, accumulating
+UᵀD[:, cols] (KP×BN, KP = K padded to a power of two) in registers, and writes it once to the partial
+``CP[r, :, cols]``; for each row tile it adds d·V[cols] into ``DVP[q, rows, :]``, a slice only this program
+touches (read-modify-write in program order, a barrier between the iterations). The host then sums the R (Q)
+partials with one ``torch.sum`` over the leading dimension: a fixed order, so two runs on the same device give
+bit-identical results. Extra traffic: 4·K·(R/M + Q/N) bytes per element written and read once (R, Q ≈ the
+square root of the program count), see ``benchmarks/bench_kernels.py``'s roofline.
+
+Pass 2 (apply) re-reads each tile and subtracts U C' and (DV) Vᵀ, walking K in chunks of BK (:func:`apply_tile`).
 Math is fp32 whatever the storage dtype; every tensor is converted to fp32 right after its load (also because
 bf16 arithmetic is wrong in Triton's CPU interpreter).
 
-Because pass 1 sums with atomics, results on a GPU are not bitwise reproducible from run to run (they agree to
-fp32 rounding); the torch reference is.
+Launch configurations are fixed per (pass, padded K, precision): no autotuning. Autotuning would clone the
+moments (``restore_value``) and compile every candidate on the first step (seconds per config); the shipped
+choices are the ones ``benchmarks/bench_kernels_sm90.py`` compiles for sm_90/sm_80 without spills, see
+``benchmarks/results/kernels_sm90.md``.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from offprincipal.projection import AllReduce, uses_left, uses_right
+from offprincipal._sides import (
+    DEFAULT_PRECISION, PRECISIONS, AllReduce, check_precision, fp32_matmuls, uses_left, uses_right,
+)
 
-DEFAULT_PRECISION = "ieee"
-PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-
-@triton.jit
-def tile_indices(M, N, BM: tl.constexpr, BN: tl.constexpr):
-    """Rows and columns of this program's tile and their in-bounds masks."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    return rows, cols, rows < M, cols < N
+__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "check_precision"]
 
 
 @triton.jit
@@ -52,35 +58,49 @@ def store_tile(X, x, rows, cols, mask, s0, s1):
 
 
 @triton.jit
-def reduce_tile(
-    d, rows, cols, row_mask, col_mask, U, V, C, DV, N, K,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Pass 1 for one fp32 tile d = D[rows, cols] (BM×BN, zero outside the matrix).
+def tile_indices(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Rows and columns of this program's tile (grid = row tiles × column tiles) and their in-bounds masks."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return rows, cols, rows < M, cols < N
 
-    LEFT:  C[:, cols] += U[rows, :]ᵀ d   (K×BN)
-    RIGHT: DV[rows, :] += d V[cols, :]   (BM×K)
-    U (M, K), V (N, K), C (K, N), DV (M, K) are contiguous fp32; K is walked in chunks of BK.
+
+@triton.jit
+def reduce_tile(
+    d, acc, rows, cols, row_mask, col_mask, U, V, DVP, M, K, q, first,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Pass 1 for one fp32 tile d = D[rows, cols] (BM×BN, zero outside the matrix); returns the new ``acc``.
+
+    LEFT:  acc (KP×BN) += U[rows, :]ᵀ d
+    RIGHT: DVP[q, rows, :] ← (0 if ``first`` else DVP[q, rows, :]) + d V[cols, :]      (BM×K)
+    U (M, K), V (N, K), DVP (Q, M, K) are contiguous fp32.
     """
+    ks = tl.arange(0, KP)
+    k_mask = ks < K
     r64 = rows.to(tl.int64)
-    c64 = cols.to(tl.int64)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_mask = ks < K
-        if LEFT:
-            u = tl.load(U + r64[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            part = tl.dot(tl.trans(u), d, input_precision=PRECISION)
-            tl.atomic_add(
-                C + ks[:, None].to(tl.int64) * N + c64[None, :], part,
-                mask=k_mask[:, None] & col_mask[None, :], sem="relaxed",
-            )
-        if RIGHT:
-            v = tl.load(V + c64[:, None] * K + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            part = tl.dot(d, v, input_precision=PRECISION)
-            tl.atomic_add(
-                DV + r64[:, None] * K + ks[None, :], part,
-                mask=row_mask[:, None] & k_mask[None, :], sem="relaxed",
-            )
+    if LEFT:
+        u = tl.load(U + r64[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(u), d, acc, input_precision=PRECISION)
+    if RIGHT:
+        v = tl.load(V + cols.to(tl.int64)[:, None] * K + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        offsets = q.to(tl.int64) * M * K + r64[:, None] * K + ks[None, :]
+        mask = row_mask[:, None] & k_mask[None, :]
+        again = (ks * 0 + first) != 0  # a tensor: scalar masks are not broadcast by every Triton version
+        part = tl.load(DVP + offsets, mask=mask & again[None, :], other=0.0)
+        part = tl.dot(d, v, part, input_precision=PRECISION)
+        tl.store(DVP + offsets, part, mask=mask)
+        tl.debug_barrier()  # the next column tile re-reads these rows, maybe from other threads of this program
+    return acc
+
+
+@triton.jit
+def store_partial(CP, acc, cols, col_mask, N, K, r, KP: tl.constexpr):
+    """CP[r, :K, cols] ← acc (the UᵀD partial of row chunk r)."""
+    ks = tl.arange(0, KP)
+    offsets = r.to(tl.int64) * K * N + ks[:, None].to(tl.int64) * N + cols.to(tl.int64)[None, :]
+    tl.store(CP + offsets, acc, mask=(ks < K)[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -126,45 +146,86 @@ def _is_interpreted() -> bool:
 INTERPRETED = _is_interpreted()
 
 
-def tile_configs() -> list:
-    """Autotune candidates for the BM×BN tile; one pinned config under the interpreter (its cost is per program)."""
-    if INTERPRETED:
-        return [triton.Config({"BM": 64, "BN": 64}, num_warps=4)]
-    return [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2), (64, 256, 8, 1), (32, 128, 4, 3),
-        ]
-    ]
+# ---------------------------------------------------------------------------------------------------------------
+# launch configurations
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BM: int
+    BN: int
+    num_warps: int
+    num_stages: int
+
+    def launch(self) -> dict:
+        return dict(BM=self.BM, BN=self.BN, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+KPS = (16, 32, 64, 128, 256)
+"""Padded K of pass 1 (tl.dot needs ≥ 16); larger k is refused (the bases of one weight are rarely wider)."""
+MAX_K = KPS[-1]
+
+# The shipped configurations, by pass and padded K (pass 1) or K chunk BK (pass 2). Chosen from the sm_90 / sm_80
+# compile report (no spills for every precision and dtype); tests/test_kernels_sm90.py checks the committed report.
+REDUCE_CONFIGS = {
+    16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
+    128: TileConfig(64, 64, 8, 2), 256: TileConfig(32, 64, 8, 2),
+}
+APPLY_CONFIGS = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2)}
+INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)  # its cost is per program: few, large tiles
+
+
+def padded_k(k: int) -> int:
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"the fused kernels support 1 ≤ k ≤ {MAX_K} principal directions, got k = {k}")
+    return max(16, triton.next_power_of_2(k))
 
 
 def block_k(k: int) -> int:
-    """Chunk of the K dimension: ≥16 (tl.dot's minimum; missing columns are masked to 0), ≤64."""
-    return min(64, max(16, triton.next_power_of_2(k)))
+    """Chunk of the K dimension in pass 2: ≥16 (tl.dot's minimum; missing columns are masked to 0), ≤64."""
+    return min(64, padded_k(k))
 
 
-def grid(m: int, n: int):
-    return lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))
+def reduce_config(k: int) -> TileConfig:
+    return INTERPRETER_CONFIG if INTERPRETED else REDUCE_CONFIGS[padded_k(k)]
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
+def apply_config(k: int) -> TileConfig:
+    return INTERPRETER_CONFIG if INTERPRETED else APPLY_CONFIGS[block_k(k)]
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs of pass 1: two per multiprocessor on a GPU (a fixed number per device, so results repeat)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def rectangles(m: int, n: int, cfg: TileConfig, programs: int) -> tuple[int, int, int, int]:
+    """(R, Q, RT, QT): pass 1's grid R×Q of rectangles of RT×QT tiles covering the (m, n) matrix, about
+    ``programs`` of them, shaped so that the partials (R·K·n + Q·m·K) stay small."""
+    row_tiles, col_tiles = max(1, triton.cdiv(m, cfg.BM)), max(1, triton.cdiv(n, cfg.BN))
+    # partial elements R·K·n + Q·m·K with R·Q = P are smallest at R/Q = m/n
+    R = max(1, min(row_tiles, round(math.sqrt(programs * m / max(n, 1)))))
+    Q = max(1, min(col_tiles, triton.cdiv(programs, R)))
+    RT, QT = triton.cdiv(row_tiles, R), triton.cdiv(col_tiles, Q)
+    return triton.cdiv(row_tiles, RT), triton.cdiv(col_tiles, QT), RT, QT
 
 
 class Bases:
-    """The bases and pass-1 accumulators of one projection of an (m, n) matrix, ready for the kernels.
+    """The bases, pass-1 partials and pass-2 coefficients of one projection of an (m, n) matrix.
 
     ``U`` (m, k) and ``V`` (n, k) become contiguous fp32 on the matrix's device (an empty placeholder for an
-    unused side); ``C`` (k, n) and ``DV`` (m, k) are zeroed fp32 accumulators.
+    unused side); ``CP`` (R, k, n) and ``DVP`` (Q, m, k) receive pass 1's partials, :meth:`combine_` sums them
+    into ``C`` (k, n) and ``DV`` (m, k).
     """
 
     def __init__(self, shape: tuple[int, int], U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str,
                  device: torch.device, what: str = "D"):
         m, n = shape
+        self.shape = shape
         self.left, self.right = uses_left(sides), uses_right(sides)
-        placeholder = torch.empty(0, device=device, dtype=torch.float32)
+        self.placeholder = torch.empty(0, device=device, dtype=torch.float32)
         ks = []
         if self.left:
             if U is None or U.ndim != 2 or U.shape[0] != m:
@@ -179,23 +240,54 @@ class Bases:
         if len(set(ks)) != 1 or ks[0] < 1:
             raise ValueError(f"U and V must have the same number k ≥ 1 of columns for {what}; got k = {ks}")
         self.k = k = ks[0]
-        self.U = U.to(device=device, dtype=torch.float32).contiguous() if self.left else placeholder
-        self.V = V.to(device=device, dtype=torch.float32).contiguous() if self.right else placeholder
-        self.C = torch.zeros(k, n, device=device, dtype=torch.float32) if self.left else placeholder
-        self.DV = torch.zeros(m, k, device=device, dtype=torch.float32) if self.right else placeholder
+        padded_k(k)
+        self.U = U.to(device=device, dtype=torch.float32).contiguous() if self.left else self.placeholder
+        self.V = V.to(device=device, dtype=torch.float32).contiguous() if self.right else self.placeholder
+        self.reduce_cfg, self.apply_cfg = reduce_config(k), apply_config(k)
+        self.R, self.Q, self.RT, self.QT = rectangles(m, n, self.reduce_cfg, target_programs(device))
+        self.CP = torch.empty(self.R, k, n, device=device, dtype=torch.float32) if self.left else self.placeholder
+        self.DVP = torch.empty(self.Q, m, k, device=device, dtype=torch.float32) if self.right else self.placeholder
+        self.C = self.DV = self.placeholder
 
-    def combine_(self, all_reduce: Optional[AllReduce]) -> None:
-        """Between the passes: sum C over row shards, then C ← C − (CV)Vᵀ when both sides are projected."""
-        if self.left and all_reduce is not None:
-            all_reduce(self.C)
-        if self.left and self.right:
-            self.C -= (self.C @ self.V) @ self.V.T
+    def reduce_grid(self) -> tuple[int, int]:
+        return self.R, self.Q
 
-    def launch_args(self) -> tuple:
+    def apply_grid(self) -> tuple[int, int]:
+        m, n = self.shape
+        return triton.cdiv(m, self.apply_cfg.BM), triton.cdiv(n, self.apply_cfg.BN)
+
+    def reduce_args(self) -> tuple:
+        return self.U, self.V, self.CP, self.DVP
+
+    def apply_args(self) -> tuple:
         return self.U, self.V, self.C, self.DV
 
-    def constexprs(self, precision: str) -> dict:
-        return dict(LEFT=self.left, RIGHT=self.right, BK=block_k(self.k), PRECISION=check_precision(precision))
+    def combine_(self, all_reduce: Optional[AllReduce], precision: str, extra_c=None, extra_dv=None) -> None:
+        """Between the passes: sum the partials (fixed order), the shards (``all_reduce``) and the optional
+        exact additions (``extra_c`` k×n after the all-reduce, ``extra_dv`` m×k), then C ← C − (CV)Vᵀ when
+        both sides are projected."""
+        m, n = self.shape
+        if self.left:
+            self.C = self.CP.sum(0) if m else torch.zeros(self.k, n, device=self.CP.device)
+            if all_reduce is not None:
+                all_reduce(self.C)
+            if extra_c is not None:
+                self.C += extra_c
+        if self.right:
+            self.DV = self.DVP.sum(0) if n else torch.zeros(m, self.k, device=self.DVP.device)
+            if extra_dv is not None:
+                self.DV += extra_dv
+        if self.left and self.right:
+            with fp32_matmuls(precision):
+                self.C -= (self.C @ self.V) @ self.V.T
+
+    def reduce_constexprs(self, precision: str) -> dict:
+        return dict(LEFT=self.left, RIGHT=self.right, KP=padded_k(self.k), PRECISION=check_precision(precision),
+                    **self.reduce_cfg.launch())
+
+    def apply_constexprs(self, precision: str) -> dict:
+        return dict(LEFT=self.left, RIGHT=self.right, BK=block_k(self.k), PRECISION=check_precision(precision),
+                    **self.apply_cfg.launch())
 
 
 def check_device(what: str, t: torch.Tensor) -> None:
@@ -204,3 +296,10 @@ def check_device(what: str, t: torch.Tensor) -> None:
             f"the Triton kernels need CUDA tensors, but {what} is on {t.device}; use offprincipal.projection's "
             "backend='torch' (or 'auto'), or set TRITON_INTERPRET=1 before importing offprincipal.kernels."
         )
+
+
+def on_device(t: torch.Tensor):
+    """Launch context: the tensor's CUDA device current (its current stream is where Triton launches)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

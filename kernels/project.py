@@ -1,7 +1,7 @@
 """Fused in-place off-principal projection: D ← P(D) in two passes over D (see ``_tiles`` for the math).
 
-Pass 1 reads D once and forms UᵀD (k×n) and DV (m×k); pass 2 reads D again and writes P(D) in place.
-Traffic: 3·m·n elements of D's dtype (2 reads, 1 write) plus O(k·(m+n)) for the bases.
+Pass 1 reads D once and forms the partials of UᵀD (k×n) and DV (m×k); pass 2 reads D again and writes P(D)
+in place. Traffic: 3·m·n elements of D's dtype (2 reads, 1 write) plus the partials and O(k·(m+n)) for the bases.
 Torch reference: :func:`offprincipal.projection.project`.
 """
 
@@ -13,28 +13,35 @@ import torch
 import triton
 import triton.language as tl
 
-from offprincipal.projection import AllReduce, check_sides
+from offprincipal._sides import DEFAULT_PRECISION, AllReduce, check_sides
 
-from ._tiles import (
-    DEFAULT_PRECISION, Bases, apply_tile, check_device, grid, load_tile, reduce_tile, store_tile, tile_configs,
-    tile_indices,
-)
+from ._tiles import Bases, apply_tile, check_device, load_tile, on_device, reduce_tile, store_partial, store_tile, tile_indices
 
 
-@triton.autotune(configs=tile_configs(), key=["M", "N", "K", "LEFT", "RIGHT"], reset_to_zero=["C", "DV"])
 @triton.jit
 def _project_reduce_kernel(
-    D, U, V, C, DV, M, N, K, s0, s1,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    D, U, V, CP, DVP, M, N, K, s0, s1, RT, QT,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """Pass 1: C += UᵀD, DV += DV over this program's tile of D (M, N)."""
-    rows, cols, row_mask, col_mask = tile_indices(M, N, BM, BN)
-    d = load_tile(D, rows, cols, row_mask[:, None] & col_mask[None, :], s0, s1)
-    reduce_tile(d, rows, cols, row_mask, col_mask, U, V, C, DV, N, K, LEFT, RIGHT, BK, PRECISION)
+    """Pass 1 over this program's rectangle of tiles of D (M, N): partials of UᵀD into CP, of DV into DVP."""
+    r, q = tl.program_id(0), tl.program_id(1)
+    i0, j0 = r * RT, q * QT
+    i1, j1 = tl.minimum(i0 + RT, tl.cdiv(M, BM)), tl.minimum(j0 + QT, tl.cdiv(N, BN))
+    for j in range(j0, j1):
+        cols = j * BN + tl.arange(0, BN)
+        col_mask = cols < N
+        acc = tl.zeros((KP, BN), dtype=tl.float32)
+        for i in range(i0, i1):
+            rows = i * BM + tl.arange(0, BM)
+            row_mask = rows < M
+            d = load_tile(D, rows, cols, row_mask[:, None] & col_mask[None, :], s0, s1)
+            acc = reduce_tile(d, acc, rows, cols, row_mask, col_mask, U, V, DVP, M, K, q, j - j0,
+                              LEFT, RIGHT, KP, PRECISION)
+        if LEFT:
+            store_partial(CP, acc, cols, col_mask, N, K, r, KP)
 
 
-@triton.autotune(configs=tile_configs(), key=["M", "N", "K", "LEFT", "RIGHT"], restore_value=["D"])
 @triton.jit
 def _project_apply_kernel(
     D, U, V, C, DV, M, N, K, s0, s1,
@@ -58,11 +65,12 @@ def project_(
     all_reduce: Optional[AllReduce] = None,
     precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
-    """In place ``D ← P(D)`` for D (m, n) of any float dtype and any strides; U (m, k), V (n, k). Returns D.
+    """In place ``D ← P(D)`` for D (m, n) of any float dtype and any strides; U (m, k), V (n, k), k ≤ 256.
+    Returns D. Launches on D's device and that device's current stream; no host synchronisation.
 
     ``all_reduce``: D and U are matching row shards; UᵀD is summed over them between the passes (call it on
-    every rank, also with 0 local rows). ``precision``: ``tl.dot`` input precision for fp32 ("ieee" is exact
-    fp32; "tf32x3" is ~fp32 accuracy and faster on tensor cores; "tf32" loses ~3 decimal digits).
+    every rank, also with 0 local rows). ``precision``: fp32 dot-product precision (see ``offprincipal._sides``).
+    Deterministic: the same inputs on the same device give bit-identical results.
     """
     check_sides(sides)
     check_device("D", D)
@@ -70,13 +78,15 @@ def project_(
         raise ValueError(f"project_ needs a 2-D tensor, got shape {tuple(D.shape)}")
     m, n = D.shape
     bases = Bases((m, n), U, V, sides, D.device)
-    if D.numel():
-        _project_reduce_kernel[grid(m, n)](
-            D, *bases.launch_args(), m, n, bases.k, D.stride(0), D.stride(1), **bases.constexprs(precision)
-        )
-    bases.combine_(all_reduce)
-    if D.numel():
-        _project_apply_kernel[grid(m, n)](
-            D, *bases.launch_args(), m, n, bases.k, D.stride(0), D.stride(1), **bases.constexprs(precision)
-        )
+    with on_device(D):
+        if D.numel():
+            _project_reduce_kernel[bases.reduce_grid()](
+                D, *bases.reduce_args(), m, n, bases.k, D.stride(0), D.stride(1), bases.RT, bases.QT,
+                **bases.reduce_constexprs(precision),
+            )
+        bases.combine_(all_reduce, precision)
+        if D.numel():
+            _project_apply_kernel[bases.apply_grid()](
+                D, *bases.apply_args(), m, n, bases.k, D.stride(0), D.stride(1), **bases.apply_constexprs(precision)
+            )
     return D

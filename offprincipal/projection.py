@@ -21,29 +21,15 @@ row-local. :func:`row_shard` reads the row range and group from a DTensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-SIDES = ("both", "left", "right")
+from ._sides import (  # noqa: F401  (re-exported: the public names of sides and precisions live here too)
+    DEFAULT_PRECISION, PRECISIONS, SIDES, AllReduce, check_precision, check_sides, fp32_matmuls, uses_left, uses_right,
+)
+
 BACKENDS = ("auto", "torch", "triton")
-
-AllReduce = Callable[[torch.Tensor], None]
-"""Sums a tensor in place over the ranks that hold the other row shards (``None``: D is the whole matrix)."""
-
-
-def check_sides(sides: str) -> str:
-    if sides not in SIDES:
-        raise ValueError(f"sides must be one of {SIDES}, got {sides!r}")
-    return sides
-
-
-def uses_left(sides: str) -> bool:
-    return check_sides(sides) in ("both", "left")
-
-
-def uses_right(sides: str) -> bool:
-    return check_sides(sides) in ("both", "right")
 
 
 def project(
@@ -57,23 +43,26 @@ def project(
 
 
 def _project(
-    D: torch.Tensor, U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str, all_reduce: Optional[AllReduce]
+    D: torch.Tensor, U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str, all_reduce: Optional[AllReduce],
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """The reference: left factor first, ``D − U(UᵀD)``, then the right one, ``X − (XV)Vᵀ``.
 
     With ``all_reduce``, D and U are matching row shards and ``UᵀD`` (k×n) is summed over the shards.
+    The matmuls run at full fp32 whatever the global TF32 switches say (``precision="tf32"`` allows tf32).
     """
     compute = torch.promote_types(D.dtype, torch.float32)
     out = D.to(compute)
-    if uses_left(sides):
-        U = U.to(compute)
-        coeff = U.T @ out
-        if all_reduce is not None:
-            all_reduce(coeff)
-        out = out - U @ coeff
-    if uses_right(sides):
-        V = V.to(compute)
-        out = out - (out @ V) @ V.T
+    with fp32_matmuls(precision):
+        if uses_left(sides):
+            U = U.to(compute)
+            coeff = U.T @ out
+            if all_reduce is not None:
+                all_reduce(coeff)
+            out = out - U @ coeff
+        if uses_right(sides):
+            V = V.to(compute)
+            out = out - (out @ V) @ V.T
     return out.to(D.dtype)
 
 
@@ -188,6 +177,7 @@ def project_(
     *,
     backend: str = "auto",
     all_reduce: Optional[AllReduce] = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> torch.Tensor:
     """In place: ``D ← P(D)`` for D (m, n) with U (m, k), V (n, k); returns D. No autograd.
 
@@ -196,8 +186,11 @@ def project_(
     sharded by rows, and UᵀD is summed over the shards (every rank must call this, even with 0 rows).
     A row-sharded DTensor D (FSDP2) with the full U is handled directly: its local rows are projected with the
     matching rows of U and one all-reduce of UᵀD over the shard group (a collective: call it on every rank).
+    ``precision``: how fp32 products are evaluated (see ``offprincipal._sides``): "tf32x3" (default) and "ieee"
+    keep the leak at fp32 level on both backends; the torch backend runs both as exact fp32 matmuls.
     """
     check_sides(sides)
+    check_precision(precision)
     if D.ndim != 2:
         raise ValueError(f"project_ needs a 2-D tensor, got shape {tuple(D.shape)}")
     from torch.distributed.tensor import DTensor
@@ -207,14 +200,14 @@ def project_(
             raise ValueError("project_ takes either a DTensor or an explicit all_reduce for a local shard, not both")
         shard = row_shard(D, "D")
         U_local = U[shard.start : shard.stop] if U is not None else None
-        project_(shard.local, U_local, V, sides, backend=backend, all_reduce=shard.all_reduce)
+        project_(shard.local, U_local, V, sides, backend=backend, all_reduce=shard.all_reduce, precision=precision)
         return D
     if resolve_backend(backend, D) == "triton":
         from offprincipal import kernels
 
-        return kernels.project_(D, U, V, sides, all_reduce=all_reduce)
+        return kernels.project_(D, U, V, sides, all_reduce=all_reduce, precision=precision)
     with torch.no_grad():
-        return D.copy_(_project(D, U, V, sides, all_reduce))
+        return D.copy_(_project(D, U, V, sides, all_reduce, precision))
 
 
 @dataclass(frozen=True)
