@@ -132,11 +132,12 @@ def test_minor_init_with_fan_in_fan_out_on_linear_uses_the_weight_orientation():
         assert (A @ V).abs().max() < 1e-5, name
 
 
-def test_conv1d_sets_fan_in_fan_out_for_the_export():
-    config = cfg(target_modules=["c_attn"])
-    peft_model = get_peft_model(make_tiny_model("gpt2"), config)
-    assert config.fan_in_fan_out is True
+def test_conv1d_export_says_fan_in_fan_out():
+    """GPT-2's Conv1D stores (in, out): the exported LoRA config must say so without the user setting the flag."""
+    peft_model = get_peft_model(make_tiny_model("gpt2"), cfg(target_modules=["c_attn"]))
     assert offprincipal.to_lora(peft_model)[0].fan_in_fan_out is True
+    llama = get_peft_model(make_tiny_model("llama"), cfg(target_modules=["q_proj"]))
+    assert offprincipal.to_lora(llama)[0].fan_in_fan_out is False
 
 
 # ---------------------------------------------------------------- finding 8: an adapter knows its base
@@ -196,9 +197,8 @@ def test_strict_base_recorded_at_training_applies_on_load(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_merge_unmerge_cycles_leave_the_base_byte_identical(dtype):
+def test_merge_unmerge_cycles_leave_the_base_byte_identical(dtype, one_thread):
     """TRL's vLLM weight sync merges and unmerges at every step; 50 cycles with training in between."""
-    torch.set_num_threads(1)
     peft_model = get_peft_model(make_tiny_model("llama", dtype=dtype), cfg())
     before = {n: w.detach().clone() for n, w in base_weights(peft_model).items()}
     batch = tiny_batch(length=6)
@@ -220,9 +220,28 @@ def test_merged_weight_is_base_plus_delta_and_disable_restores_it():
     layer.merge()
     expected = (W0.float() + layer.get_delta_weight("default")).to(W0.dtype)
     assert torch.equal(layer.get_base_layer().weight, expected)
+    peft_model.add_adapter("second", cfg())  # while merged: its base is the unmerged one
+    assert peft_model.peft_config["second"].base_fingerprint == peft_model.peft_config["default"].base_fingerprint
     with peft_model.disable_adapter():
         peft_model(**tiny_batch())  # a disabled forward unmerges
     assert torch.equal(layer.get_base_layer().weight, W0)
+
+
+def test_unmerge_after_an_in_place_change_of_the_merged_weight_subtracts_and_warns():
+    """The saved copy is only right while the merged weight is untouched; otherwise ΔW is subtracted (with a
+    warning), as before, so the in-place change is kept."""
+    peft_model = get_peft_model(make_tiny_model("llama"), cfg())
+    train_steps(peft_model, tiny_batch(), steps=2)
+    _, layer = layers(peft_model)[0]
+    weight = layer.get_base_layer().weight
+    W0 = weight.detach().clone()
+    layer.merge()
+    with torch.no_grad():
+        weight.add_(1.0)
+    with pytest.warns(UserWarning, match="modified while merged"):
+        layer.unmerge()
+    torch.testing.assert_close(weight.detach(), W0 + 1.0, atol=1e-5, rtol=0)
+    assert not layer.merged and layer.unmerged_base_weight() is weight
 
 
 # ---------------------------------------------------------------- finding 10: factor cache under inference mode

@@ -43,12 +43,13 @@ class OffPrincipalConfig(PeftConfig):
         subspace_cache_dir: where the bases are cached (safetensors, keyed by a fingerprint of the weight);
             ``None``: ``$OFFPRINCIPAL_CACHE_DIR/subspaces`` or ``~/.cache/offprincipal/subspaces``. The bases are
             NOT saved with the adapter: on load they are found again in this cache (or recomputed from the base
-            weight, deterministically) — the base model must be the same one the adapter was trained on.
+            weight, deterministically) — the base model must be the same one the adapter was trained on, which
+            ``base_fingerprint`` checks.
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoRA;
             ``target_modules="all-linear"`` targets every linear layer but the output head.
         bias: only ``"none"`` is supported.
-        fan_in_fan_out: as in LoRA: GPT-2's ``Conv1D`` (weight stored (in, out)) sets it; on ``nn.Linear`` it is
-            reset to False with LoRA's warning.
+        fan_in_fan_out: as in LoRA; the orientation follows the layer type: GPT-2's ``Conv1D`` (weight stored
+            (in, out)) is detected without it, and on ``nn.Linear`` a True is reset to False with LoRA's warning.
         base_fingerprint: set when the adapter is created: one digest of the base weights it targets
             (:mod:`offprincipal.tuner.fingerprint`), saved in ``adapter_config.json``. Leave it ``None``.
         strict_base: what loading the adapter onto a base whose weights do not match ``base_fingerprint`` does:

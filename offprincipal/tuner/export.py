@@ -29,7 +29,7 @@ def to_lora(model: torch.nn.Module, adapter_name: str = "default") -> tuple[Lora
     """(LoraConfig, state_dict) of a LoRA adapter equal to ``adapter_name`` of an OffPrincipal ``PeftModel``."""
     config = model.peft_config[adapter_name]
     state_dict: dict[str, torch.Tensor] = {}
-    targets, ranks = set(), {}
+    targets, ranks, transposed = set(), {}, False
     for name, module in model.named_modules():
         if not isinstance(module, OffPrincipalLayer) or adapter_name not in module.offprincipal_A:
             continue
@@ -39,6 +39,7 @@ def to_lora(model: torch.nn.Module, adapter_name: str = "default") -> tuple[Lora
         short = name.removeprefix(_PEFT_PREFIX)
         targets.add(short)
         ranks[short] = module.r[adapter_name]
+        transposed |= module.fan_in_fan_out
     if not state_dict:
         raise ValueError(f"no OffPrincipal layer carries adapter {adapter_name!r}; nothing to export")
     for name, module in model.named_modules():
@@ -54,7 +55,7 @@ def to_lora(model: torch.nn.Module, adapter_name: str = "default") -> tuple[Lora
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
         base_model_name_or_path=config.base_model_name_or_path,
         task_type=config.task_type,
-        fan_in_fan_out=config.fan_in_fan_out,
+        fan_in_fan_out=transposed,  # GPT-2 Conv1D; LoRA resolves it per layer on load
     )
     return lora_config, state_dict
 

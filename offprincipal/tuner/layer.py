@@ -41,9 +41,9 @@ register_optimizer_step_post_hook(_drop_factor_caches)
 
 
 def resolve_fan_in_fan_out(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
-    """The weight orientation of ``base_layer``, as LoRA decides it: ``nn.Linear`` stores (out, in), so a
-    ``fan_in_fan_out=True`` there is reset with LoRA's warning; GPT-2's ``Conv1D`` stores (in, out) and is always
-    treated so (LoRA warns there too; OffPrincipal detects it, so it sets the flag silently)."""
+    """Whether ``base_layer`` stores its weight as (in, out), decided by its type as LoRA does: GPT-2's ``Conv1D``
+    does (True, whatever the flag; LoRA warns there, OffPrincipal needs no flag to know it); ``nn.Linear`` stores
+    (out, in), so a ``fan_in_fan_out=True`` there is answered with LoRA's warning and False."""
     if isinstance(base_layer, Conv1D):
         return True
     if fan_in_fan_out:

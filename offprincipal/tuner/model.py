@@ -119,7 +119,8 @@ class OffPrincipalModel(BaseTuner):
                 f"OffPrincipal can only adapt linear layers (nn.Linear, GPT-2 Conv1D); target module "
                 f"{current_key!r} is a {type(base).__name__}. Remove it from target_modules (or use exclude_modules)."
             )
-        config.fan_in_fan_out = resolve_fan_in_fan_out(base, config.fan_in_fan_out)  # LoRA's rule, LoRA's warning
+        if isinstance(base, nn.Linear) and config.fan_in_fan_out:
+            config.fan_in_fan_out = resolve_fan_in_fan_out(base, True)  # LoRA's warning; reset to False as LoRA does
         subspace = self._prefetched.get(current_key)
         if subspace is None:  # e.g. matched from a state_dict, or a weight that was on the meta device
             W = weight_matrix(base)
