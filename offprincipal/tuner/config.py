@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
 from ..projection import SIDES
-from ..subspace import SVD_METHODS
+from ..subspace import FINGERPRINT_RE, SVD_METHODS
 
 PEFT_TYPE_NAME = "OFFPRINCIPAL"
 INIT_CHOICES = ("random", "minor")
-_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -124,7 +122,7 @@ class OffPrincipalConfig(PeftConfig):
             raise ValueError("OffPrincipalConfig.layers_pattern only takes effect with layers_to_transform")
         self.top_k_pattern = dict(self.top_k_pattern or {})
         if self.base_fingerprint is not None and not (
-            isinstance(self.base_fingerprint, str) and _FINGERPRINT.fullmatch(self.base_fingerprint)
+            isinstance(self.base_fingerprint, str) and FINGERPRINT_RE.fullmatch(self.base_fingerprint)
         ):
             raise ValueError(
                 f"OffPrincipalConfig.base_fingerprint must be None or 32 lowercase hex digits, got "
