@@ -24,6 +24,7 @@ weights fetches the original bases from the subspace cache, so a resumed run fol
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -35,11 +36,13 @@ from .distributed import (
     broadcast_bases,
     broadcast_object,
     check_not_flattened,
+    comm_device,
     flattened_error,
     full_weight,
     is_distributed,
     local_device,
 )
+from ._sides import DEFAULT_PRECISION, check_precision
 from .projection import check_backend, check_sides, project_, resolve_backend, row_shard
 from .subspace import (
     DEFAULT_NITER,
@@ -47,9 +50,10 @@ from .subspace import (
     DEFAULT_SEED,
     Subspace,
     SubspaceCache,
+    SubspaceMismatch,
     TopK,
+    certify_subspace,
     compute_subspaces,
-    default_cache_dir,
     fingerprint,
     resolve_top_k,
 )
@@ -58,6 +62,13 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("embed", "lm_head", "wte", "wpe")
 """Regexes searched in parameter names; matches step as plain AdamW. Covers ``embed_tokens``, ``embed_positions``,
 ``word_embeddings``, ``embed_in/out``, GPT-2's ``wte``/``wpe`` and ``lm_head`` (tied heads appear once, under
 the embedding's name)."""
+
+TRAINED_TOPK_TOL = 2.0
+"""``topk_tol`` of :func:`~offprincipal.subspace.certify_subspace` for bases checked against weights that may have
+trained since the bases were computed (a saved state's bases, bases given in ``subspaces=``): the part of the live
+weight outside the bases may have a top singular value up to 3× the smallest kept one. Off-principal training
+raises that value by at most ‖ΔW‖₂, so a resume passes unless the update's spectral norm reached about twice the
+k-th singular value; bases of minor directions (σ₁(W) against the smallest singular values) fail."""
 
 BasesInput = Mapping[str, Union[Subspace, tuple[torch.Tensor, torch.Tensor]]]
 
@@ -96,6 +107,8 @@ def adamw_update_(
     maximize: bool = False,
     all_reduce=None,
     backend: str = "auto",
+    precision: str = DEFAULT_PRECISION,
+    wd_terms=None,
 ) -> None:
     """One projected AdamW step on a 2-D parameter (m, n), in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
 
@@ -108,7 +121,10 @@ def adamw_update_(
     Math in fp32 (bf16/fp16 storage is read into fp32 and rounded once at the store). ``sides=None`` applies D
     unprojected (used to check the arithmetic against torch AdamW). ``all_reduce``: the tensors are row shards
     and U holds the matching rows (see :func:`offprincipal.projection.project_`). ``backend``: "auto" runs the
-    fused Triton step for CUDA tensors, the torch code below otherwise.
+    fused Triton step for CUDA tensors, the torch code below otherwise. ``precision``: fp32 product precision
+    (see ``offprincipal._sides``). ``step`` and ``lr`` may be 0-d device tensors (no host synchronisation).
+    ``wd_terms``: (UᵀW, WV) of the weight (``offprincipal.kernels.wd_terms``), fixed under off-principal updates:
+    the fused step then does not read W in its first pass.
     """
     step_size, bc2_sqrt, lr_wd = adam_scalars(step, lr, beta1, beta2, weight_decay)
     if sides is not None and resolve_backend(backend, param, "param") == "triton":
@@ -116,7 +132,8 @@ def adamw_update_(
 
         kernels.projected_adamw_step_(
             param, grad, exp_avg, exp_avg_sq, U, V, sides, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size,
-            bc2_sqrt=bc2_sqrt, lr_wd=lr_wd, maximize=maximize, all_reduce=all_reduce,
+            bc2_sqrt=bc2_sqrt, lr_wd=lr_wd, maximize=maximize, all_reduce=all_reduce, precision=precision,
+            wd_terms=wd_terms,
         )
         return
     with torch.no_grad():
@@ -132,10 +149,12 @@ def adamw_update_(
             exp_avg_sq.copy_(v)
         denom = exp_avg_sq.float().sqrt().div_(bc2_sqrt).add_(eps)
         D = exp_avg.float().mul(step_size).div_(denom)
-        if lr_wd != 0:
+        if torch.is_tensor(lr_wd):
+            D.add_(param.float() * lr_wd)
+        elif lr_wd != 0:
             D.add_(param.float(), alpha=lr_wd)
         if sides is not None:
-            project_(D, U, V, sides, backend="torch", all_reduce=all_reduce)
+            project_(D, U, V, sides, backend="torch", all_reduce=all_reduce, precision=precision)
         param.sub_(D)
 
 
@@ -150,15 +169,46 @@ class _Basis:
     meta: dict  # fingerprint ("" if given by the user), k, method, shape
 
 
+def _on_rank0_then_everywhere(names: Sequence[str], work) -> dict[str, str]:
+    """Run ``work(name)`` for every name on every rank, in order (it may contain collectives, e.g. gathering a
+    DTensor); the ``{name: reason}`` of rank 0's failures (``work`` returns a string) reaches every rank."""
+    failures = {}
+    for name in names:
+        reason = work(name)
+        if reason is not None:
+            failures[name] = reason
+    return broadcast_object(failures) if is_distributed() else failures
+
+
+def _rank0() -> bool:
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def _mismatch_error(owner: str, what: str, failures: Mapping[str, str], advice: str) -> SubspaceMismatch:
+    listed = "; ".join(f"{name}: {reason}" for name, reason in list(failures.items())[:3])
+    more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+    return SubspaceMismatch(f"{owner}: {what} do not fit the live weights — {listed}{more}. {advice}")
+
+
 class PrincipalBases:
     """The bases of the weights an optimizer projects, by parameter name (never by parameter object: wrappers
-    such as accelerate swap the objects after construction), with their local row slices for sharded params."""
+    such as accelerate swap the objects after construction), with their local row slices for sharded params.
 
-    def __init__(self, owner: str, entries: dict[str, _Basis], cache_dir, progress: bool):
+    Every basis is either computed from the live weight (a fresh SVD, or a cache entry certified against it) or
+    certified against the live weight with :func:`~offprincipal.subspace.certify_subspace` before it is used
+    (bases given by the user, bases named by a saved state). With several ranks the certification runs on rank
+    0, where the real weights are, and its verdict is broadcast.
+    """
+
+    def __init__(self, owner: str, entries: dict[str, _Basis], cache_dir, progress: bool, *, sides: str = "both",
+                 params: Optional[Mapping[str, torch.Tensor]] = None, options: Optional[dict] = None):
         self.owner = owner
         self.entries = entries
         self.cache_dir = cache_dir
         self.progress = progress
+        self.sides = sides
+        self.params: dict[str, torch.Tensor] = dict(params or {})
+        self.options = dict(options or {})
         self._local: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -179,14 +229,23 @@ class PrincipalBases:
         svd_method: str,
         cache_dir,
         progress: bool,
+        sides: str = "both",
     ) -> "PrincipalBases":
+        options = dict(top_k=top_k, top_k_pattern=top_k_pattern, exclude=tuple(exclude), svd_method=svd_method,
+                       explicit=subspaces is not None)
+        bases = cls(owner, {}, cache_dir, progress, sides=sides, params=named, options=options)
         for name, p in named.items():
             check_not_flattened(owner, name, p)
-        tag = SubspaceCache.tag(svd_method, DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
-        if subspaces is not None:
-            return cls(owner, cls._given(owner, named, subspaces, tag), cache_dir, progress)
-        chosen = {name: p for name, p in named.items() if cls.eligible(name, p, exclude)}
-        ks = {name: resolve_top_k(top_k, tuple(p.shape), name, top_k_pattern) for name, p in chosen.items()}
+        bases.entries = bases._given(named, subspaces) if subspaces is not None else bases._computed(named)
+        return bases
+
+    def _computed(self, named: Mapping[str, torch.Tensor]) -> dict[str, _Basis]:
+        """Fresh bases (or certified cache entries) of the eligible weights among ``named``."""
+        o = self.options
+        tag = SubspaceCache.tag(o["svd_method"], DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
+        chosen = {name: p for name, p in named.items() if self.eligible(name, p, o["exclude"])}
+        ks = {name: resolve_top_k(o["top_k"], tuple(p.shape), name, o["top_k_pattern"]) for name, p in chosen.items()}
+        method, cache_dir = o["svd_method"], self.cache_dir
         if is_distributed():
             fps: dict[str, str] = {}
 
@@ -195,32 +254,34 @@ class PrincipalBases:
                 if torch.distributed.get_rank() != 0:
                     return None
                 fps[name] = fingerprint(W)
-                sub = compute_subspaces({name: W}, ks[name], method=svd_method, cache_dir=cache_dir, progress=False)
+                sub = compute_subspaces({name: W}, ks[name], method=method, cache_dir=cache_dir, progress=False)
                 return sub[name].U, sub[name].V
 
             uv = broadcast_bases(
                 {name: (tuple(p.shape), ks[name]) for name, p in chosen.items()}, compute,
-                lambda name: local_device(chosen[name]), progress=progress,
+                lambda name: local_device(chosen[name]), progress=self.progress,
             )
             fps = broadcast_object(fps)
         else:
             weights = {name: full_weight(p) for name, p in chosen.items()}
             subs = compute_subspaces(
-                weights, top_k, top_k_pattern=top_k_pattern, method=svd_method, cache_dir=cache_dir, progress=progress
+                weights, o["top_k"], top_k_pattern=o["top_k_pattern"], method=method, cache_dir=cache_dir,
+                progress=self.progress,
             )
             uv = {name: (s.U, s.V) for name, s in subs.items()}
             fps = {name: fingerprint(w) for name, w in weights.items()}
-        entries = {
+        return {
             name: _Basis(U, V, dict(fingerprint=fps[name], k=ks[name], method=tag, shape=list(chosen[name].shape)))
             for name, (U, V) in uv.items()
         }
-        return cls(owner, entries, cache_dir, progress)
 
-    @staticmethod
-    def _given(owner: str, named: Mapping[str, torch.Tensor], subspaces: BasesInput, tag: str) -> dict[str, _Basis]:
+    def _given(self, named: Mapping[str, torch.Tensor], subspaces: BasesInput) -> dict[str, _Basis]:
+        """The user's bases, checked for shape on every rank, then certified against the live weights."""
+        owner = self.owner
         unknown = sorted(set(subspaces) - set(named))
         if unknown:
             raise ValueError(f"{owner}: subspaces were given for {unknown}, which are not among the optimizer's parameters")
+        tag = SubspaceCache.tag(self.options["svd_method"], DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
         entries = {}
         for name, sub in subspaces.items():
             U, V = (sub.U, sub.V) if isinstance(sub, Subspace) else sub
@@ -235,7 +296,47 @@ class PrincipalBases:
                 U.to(device, torch.float32).contiguous(), V.to(device, torch.float32).contiguous(),
                 dict(fingerprint="", k=int(U.shape[1]), method=tag, shape=list(shape)),
             )
+
+        def certify(name):
+            W = full_weight(named[name])  # collective for DTensors
+            if not _rank0():
+                return None
+            sub = subspaces[name]
+            try:
+                certify_subspace(W, sub if isinstance(sub, Subspace) else (sub[0], sub[1]), sides=self.sides,
+                                 topk_tol=TRAINED_TOPK_TOL, name=name)
+            except SubspaceMismatch as exc:
+                return str(exc)
+            return None
+
+        failures = _on_rank0_then_everywhere(list(subspaces), certify)
+        if failures:
+            raise _mismatch_error(
+                owner, "the bases given in subspaces=", failures,
+                "Pass the top-k singular bases of these weights (offprincipal.subspace.compute_subspaces), or leave "
+                "subspaces=None to compute them.",
+            )
         return entries
+
+    def extend(self, named: Mapping[str, torch.Tensor]) -> None:
+        """Bases for parameters added after construction (``add_param_group``), by the construction's rules
+        (``top_k``, ``top_k_pattern``, ``exclude``, ``svd_method``, cache). Refused where the optimizer was built
+        from explicit ``subspaces=`` and an added weight would need a basis."""
+        check_unique_names(self.owner, list(self.params) + list(named))
+        for name, p in named.items():
+            check_not_flattened(self.owner, name, p)
+        if self.options.get("explicit"):
+            needing = sorted(n for n, p in named.items() if self.eligible(n, p, self.options["exclude"]))
+            if needing:
+                raise ValueError(
+                    f"{self.owner}: it was built with explicit subspaces=, so it cannot choose bases for the added "
+                    f"weights {needing}; construct it again with subspaces for every weight to project"
+                )
+            new = {}
+        else:
+            new = self._computed(named)
+        self.params.update(named)
+        self.entries.update(new)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -269,17 +370,46 @@ class PrincipalBases:
     def metadata(self) -> dict:
         return {name: dict(b.meta) for name, b in self.entries.items()}
 
-    def reconcile(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
-        """Adopt the bases a saved state was trained with (looked up in the cache by fingerprint) where they
-        differ from the ones computed at construction, e.g. when resuming from trained weights."""
+    def _check_saved(self, saved) -> None:
+        """The saved metadata names the same weights, with their shapes, and keys that are data (no collective)."""
+        if not isinstance(saved, Mapping) or not all(isinstance(v, Mapping) for v in saved.values()):
+            raise ValueError(f"{self.owner}: the saved state's 'offprincipal' metadata is malformed (bases must map names to dicts)")
         ours, theirs = set(self.entries), set(saved)
         if ours != theirs:
             raise ValueError(
                 f"{self.owner}: the saved state projects a different set of weights (only in the saved state: "
                 f"{sorted(theirs - ours)}; only here: {sorted(ours - theirs)}). Construct the optimizer with the same "
-                "top_k, top_k_pattern and exclude as the run that saved it."
+                "top_k, top_k_pattern and exclude as the run that saved it, on the same model."
             )
-        stale = {  # bases given by the user (no fingerprint) are trusted as they are
+        for name, info in saved.items():
+            shape = info.get("shape")
+            if not isinstance(shape, (list, tuple)) or [int(s) for s in shape] != list(self.shape(name)):
+                raise ValueError(
+                    f"{self.owner}: the saved state was made for {name!r} of shape {shape}, this weight has shape "
+                    f"{list(self.shape(name))}: the state is from a different model"
+                )
+            try:
+                if info.get("fingerprint"):
+                    SubspaceCache.check_key(info["fingerprint"], info.get("k"), info.get("method"))
+                k = info.get("k")
+                if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(shape):
+                    raise ValueError(f"k={k!r} is not valid for a weight of shape {list(shape)}")
+            except ValueError as exc:
+                raise ValueError(f"{self.owner}: the saved state's metadata for {name!r} is malformed: {exc}") from None
+
+    def reconcile(self, saved: Mapping[str, Mapping[str, Any]], params: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """Adopt the bases a saved state was trained with (looked up in the cache by fingerprint) where they
+        differ from the ones computed at construction, e.g. when resuming from trained weights.
+
+        The saved metadata is checked first (same weights and shapes, keys that are data); the bases found are
+        certified against the live weights (``params``, default: those given at construction) with this
+        optimizer's ``sides`` — off-principal training keeps W·V = U·diag(S) and/or Uᵀ·W = diag(S)·Vᵀ, so a
+        genuine resume passes — and a state whose bases fail is refused with :class:`SubspaceMismatch`. Nothing
+        changes unless every basis is found and certified.
+        """
+        self._check_saved(saved)
+        live = {**self.params, **dict(params or {})}
+        stale = {  # bases given by the user (no fingerprint) are kept as they are
             name: info for name, info in saved.items()
             if info.get("fingerprint") and self.entries[name].meta["fingerprint"]
             and (info["fingerprint"], info["k"], info["method"])
@@ -287,44 +417,70 @@ class PrincipalBases:
         }
         if not stale:
             return
-        cache = None if self.cache_dir is False else SubspaceCache(
-            default_cache_dir() if self.cache_dir in (None, True) else self.cache_dir
-        )
-        missing: list[str] = []
+        cache = SubspaceCache.for_dir(self.cache_dir)
+        found: dict[str, Subspace] = {}
 
-        def compute(name):
+        def fetch(name):
             info = stale[name]
-            if is_distributed() and torch.distributed.get_rank() != 0:
+            W = full_weight(live[name])  # collective for DTensors: every rank calls it
+            if not _rank0():
                 return None
             hit = None if cache is None else cache.load(info["fingerprint"], tuple(info["shape"]), info["k"], info["method"], "cpu")
             if hit is None:
-                missing.append(name)
-                return torch.zeros(info["shape"][0], info["k"]), torch.zeros(info["shape"][1], info["k"])
-            return hit.U, hit.V
+                return "missing"
+            try:
+                certify_subspace(W, hit, sides=self.sides, topk_tol=TRAINED_TOPK_TOL, name=name)
+            except SubspaceMismatch as exc:
+                return str(exc)
+            found[name] = hit
+            return None
 
-        shapes = {name: (tuple(info["shape"]), info["k"]) for name, info in stale.items()}
-        device_of = lambda name: self.entries[name].U.device  # noqa: E731
-        if is_distributed():
-            uv = broadcast_bases(shapes, compute, device_of, progress=False)
-            missing = broadcast_object(missing)
-        else:
-            uv = {name: tuple(t.to(device_of(name)) for t in compute(name)) for name in stale}
+        failures = _on_rank0_then_everywhere(list(stale), fetch)
+        missing = sorted(name for name, reason in failures.items() if reason == "missing")
         if missing:
             where = "the subspace cache is disabled (cache_dir=False)" if cache is None else f"not in the cache {cache.directory}"
             raise RuntimeError(
                 f"{self.owner}: the saved state was trained with the principal bases of the original weights of "
-                f"{sorted(missing)[:5]}{' …' if len(missing) > 5 else ''}, which differ from the current weights, and "
+                f"{missing[:5]}{' …' if len(missing) > 5 else ''}, which differ from the current weights, and "
                 f"those bases are {where}. Construct the optimizer with subspaces=compute_subspaces(<the pretrained "
                 "weights>, top_k) or with the cache_dir of the original run, then load the state."
             )
+        if failures:
+            raise _mismatch_error(
+                self.owner, "the bases the saved state was trained with", failures,
+                "The state was saved by a different model (or its cache entries are damaged); load it into the model "
+                "it was saved from. If it is this model's own state and training moved the weights by more than about "
+                "twice their k-th singular value, raise offprincipal.optim.TRAINED_TOPK_TOL.",
+            )
+        shapes = {name: (tuple(info["shape"]), info["k"]) for name, info in stale.items()}
+        device_of = lambda name: self.entries[name].U.device  # noqa: E731
+        if is_distributed():
+            uv = broadcast_bases(shapes, lambda name: (found[name].U, found[name].V) if name in found else None,
+                                 device_of, progress=False)
+        else:
+            uv = {name: (found[name].U.to(device_of(name)), found[name].V.to(device_of(name))) for name in stale}
         for name, (U, V) in uv.items():
             self.entries[name] = _Basis(U.float().contiguous(), V.float().contiguous(), dict(stale[name]))
             self._local.pop(name, None)
 
 
-def _bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress) -> dict:
+def check_unique_names(owner: str, names: Sequence[str]) -> None:
+    """Names identify each weight's basis: refuse a name given twice."""
+    seen, dups = set(), []
+    for name in names:
+        if name in seen:
+            dups.append(name)
+        seen.add(name)
+    if dups:
+        raise ValueError(
+            f"{owner}: the parameter name(s) {sorted(set(dups))} appear more than once; each weight's bases are found by "
+            "its name, so names must be unique (pass model.named_parameters() once, without repeating a parameter)"
+        )
+
+
+def _bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress, sides) -> dict:
     return dict(top_k=top_k, top_k_pattern=top_k_pattern, exclude=tuple(exclude), subspaces=subspaces,
-                svd_method=svd_method, cache_dir=cache_dir, progress=progress)
+                svd_method=svd_method, cache_dir=cache_dir, progress=progress, sides=sides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,6 +507,8 @@ class OffPrincipalAdamW(torch.optim.AdamW):
             principal subspace: on a 576×1536 bf16 weight after 200 steps at lr 1e-5 the stored ΔW leaks 0.23
             (as much as a random direction: the rounding dominates), with master weights 0.054 (fp32 copy: 1e-5).
         backend: ``"auto"`` (fused Triton step for CUDA params, torch elsewhere), ``"torch"`` or ``"triton"``.
+        precision: fp32 product precision of the projection, ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``
+            (see ``offprincipal._sides``).
 
     Projected params cost two fused passes per step on CUDA (≈36 bytes/param without weight decay, 40 with,
     against fused AdamW's 28). Under FSDP2 (DTensor ``Shard(0)``) the step is shard-local plus one all-reduce of
@@ -378,6 +536,7 @@ class OffPrincipalAdamW(torch.optim.AdamW):
         cache_dir=None,
         master_weights: bool = False,
         backend: str = "auto",
+        precision: str = DEFAULT_PRECISION,
         progress: bool = True,
     ):
         if amsgrad:
@@ -387,10 +546,12 @@ class OffPrincipalAdamW(torch.optim.AdamW):
         named = _named_params(self.param_groups, "OffPrincipalAdamW")
         self.sides = check_sides(sides)
         self.backend = check_backend(backend)
+        self.precision = check_precision(precision)
+        self._wd_cache: dict = {}
         self.master_weights = master_weights
         self.bases = PrincipalBases.build(
             "OffPrincipalAdamW", named,
-            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress),
+            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress, self.sides),
         )
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
@@ -445,18 +606,38 @@ class OffPrincipalAdamW(torch.optim.AdamW):
                     foreach=group["foreach"], fused=group["fused"], capturable=False, differentiable=False,
                     has_complex=any(torch.is_complex(t) for t in plain[0]), decoupled_weight_decay=True,
                 )
-            for name, target, grad, state in projected:
+            finite = _finite_flags([grad for _, _, grad, _ in projected])
+            for (name, target, grad, state), ok in zip(projected, finite):
+                if not ok:
+                    _warn_nonfinite("OffPrincipalAdamW", name, "its step is skipped: weight, moments and step count unchanged")
+                    continue
                 state["step"] += 1
                 shard, U, V = self.bases.local(name, target)
+                step, lr = state["step"], group["lr"]  # device tensors stay there: no host synchronisation
                 adamw_update_(
                     shard.local, _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                    float(state["step"]), U, V, self.sides, lr=float(group["lr"]), beta1=float(beta1),
+                    step if step.is_cuda else float(step), U, V, self.sides,
+                    lr=lr if torch.is_tensor(lr) and lr.is_cuda else float(lr), beta1=float(beta1),
                     beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
                     maximize=group["maximize"], all_reduce=shard.all_reduce, backend=self.backend,
+                    precision=self.precision, wd_terms=self._wd_terms(name, shard, U, V, group["weight_decay"]),
                 )
             for p, master in mastered:
                 p.copy_(master)
         return loss
+
+    def _wd_terms(self, name, shard, U, V, weight_decay):
+        """(UᵀW, WV) of a projected weight for the fused step (computed at its first step, kept while the bases
+        are the same): fixed under off-principal updates, they spare the fused step a read of W."""
+        if not weight_decay or resolve_backend(self.backend, shard.local, "param") != "triton":
+            return None
+        key = (id(U), id(V), shard.start, shard.stop)
+        cached = self._wd_cache.get(name)
+        if cached is None or cached[0] != key:
+            from offprincipal import kernels
+
+            cached = self._wd_cache[name] = (key, kernels.wd_terms(shard.local, U, V, self.sides, shard.all_reduce))
+        return cached[1]
 
     def state_dict(self) -> dict:
         """torch AdamW's state dict plus ``"offprincipal"``: plain metadata (no tensors) naming the bases."""
@@ -464,12 +645,38 @@ class OffPrincipalAdamW(torch.optim.AdamW):
         sd["offprincipal"] = {"sides": self.sides, "bases": self.bases.metadata()}
         return sd
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group of *named* parameters (``(name, tensor)`` pairs): its eligible weights get bases by the
+        construction's rules (``top_k``, ``top_k_pattern``, ``exclude``, ``svd_method``, cache), computed now
+        (with several ranks every rank must call it). Unnamed parameters and names already present are refused."""
+        if "bases" not in self.__dict__:  # torch's __init__ adds the constructor's groups
+            return super().add_param_group(param_group)
+        param_group, named = _named_group(param_group, "OffPrincipalAdamW")
+        check_unique_names("OffPrincipalAdamW", list(self.bases.params) + list(named))
+        super().add_param_group(param_group)
+        try:
+            self.bases.extend(named)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by this class (or a plain AdamW state, whose bases are then not checked).
 
-        fp32 master copies and moments of bf16/fp16 params stay fp32 (torch would cast them to the param dtype).
+        Checked before anything is loaded: the same number of groups and parameters, the same parameter names
+        (when both sides have names), moments and master copies of each parameter's shape, the metadata's
+        weights and shapes; then the saved bases are certified against the live weights
+        (:meth:`PrincipalBases.reconcile`). A state from another model is refused with an error naming the
+        first mismatch. fp32 master copies and moments of bf16/fp16 params stay fp32 (torch would cast them to
+        the param dtype).
         """
         meta = state_dict.get("offprincipal")
+        self._wd_cache.clear()  # (UᵀW, WV) are recomputed from the loaded weights at the next step
+        check_state_fits("OffPrincipalAdamW", self.param_groups, state_dict)
+        if meta is not None:
+            if meta.get("sides", self.sides) != self.sides:
+                raise ValueError(f"the saved state used sides={meta['sides']!r}, this optimizer sides={self.sides!r}")
+            self.bases.reconcile(meta.get("bases"), _named_params(self.param_groups, "OffPrincipalAdamW"))
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "offprincipal"})
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
@@ -477,22 +684,108 @@ class OffPrincipalAdamW(torch.optim.AdamW):
                 p = params[index]
                 for key in ("master_param", "exp_avg", "exp_avg_sq"):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
-        if meta is not None:
-            if meta.get("sides", self.sides) != self.sides:
-                raise ValueError(f"the saved state used sides={meta['sides']!r}, this optimizer sides={self.sides!r}")
-            self.bases.reconcile(meta["bases"])
+
+
+_NAMES_NEEDED = (
+    "{owner} needs parameter names to find each weight's bases: pass model.named_parameters(), or param groups "
+    "whose 'params' are (name, parameter) pairs"
+)
 
 
 def _named_params(param_groups: list[dict], owner: str) -> dict[str, torch.Tensor]:
-    named: dict[str, torch.Tensor] = {}
+    """{name: parameter} over all groups; refuses unnamed groups and repeated names."""
     for group in param_groups:
         if "param_names" not in group:
+            raise ValueError(_NAMES_NEEDED.format(owner=owner))
+    names = [name for group in param_groups for name in group["param_names"]]
+    check_unique_names(owner, names)
+    return dict(zip(names, (p for group in param_groups for p in group["params"])))
+
+
+def _named_group(param_group: dict, owner: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A param group for ``add_param_group`` with its ``params`` as a list, and its {name: parameter}; refuses
+    a group without names (its weights could not get bases)."""
+    if not isinstance(param_group, Mapping):
+        raise TypeError(f"{owner}.add_param_group takes a dict, got {type(param_group).__name__}")
+    group = dict(param_group)
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    group["params"] = params
+    if "param_names" in group:
+        names = list(group["param_names"])
+    elif params and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params):
+        names = [name for name, _ in params]
+    else:
+        raise ValueError(
+            _NAMES_NEEDED.format(owner=f"{owner}.add_param_group") + "; unnamed parameters would train without projection"
+        )
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    check_unique_names(owner, names)
+    return group, dict(zip(names, tensors))
+
+
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param", "momentum_buffer", "square_avg",
+                 "acc_delta", "sum", "grad_avg")
+
+
+def check_state_fits(owner: str, param_groups: list[dict], state_dict: Mapping) -> None:
+    """Refuse (``ValueError`` naming the first mismatch) a state dict whose groups, parameter counts, parameter
+    names or per-parameter state shapes do not fit ``param_groups``. Runs before anything is loaded."""
+    groups, state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
+        raise ValueError(f"{owner}: not an optimizer state dict (it needs 'state' and 'param_groups')")
+    if len(groups) != len(param_groups):
+        raise ValueError(f"{owner}: the saved state has {len(groups)} param groups, this optimizer {len(param_groups)}")
+    by_index: dict = {}
+    for g, (saved, live) in enumerate(zip(groups, param_groups)):
+        if len(saved["params"]) != len(live["params"]):
             raise ValueError(
-                f"{owner} needs parameter names to find each weight's bases: pass model.named_parameters(), or param "
-                "groups whose 'params' are (name, parameter) pairs"
+                f"{owner}: param group {g} of the saved state has {len(saved['params'])} parameters, this optimizer's "
+                f"{len(live['params'])}: the state is from a different model or parameter selection"
             )
-        named.update(zip(group["param_names"], group["params"]))
-    return named
+        names = live.get("param_names") or [f"parameter {i} of group {g}" for i in range(len(live["params"]))]
+        saved_names = saved.get("param_names")
+        if saved_names is not None and live.get("param_names") is not None and list(saved_names) != list(names):
+            first = next(i for i, (a, b) in enumerate(zip(saved_names, names)) if a != b)
+            raise ValueError(
+                f"{owner}: param group {g} of the saved state names parameter {first} {saved_names[first]!r}, this "
+                f"optimizer {names[first]!r}: the state is from a different model or parameter order"
+            )
+        by_index.update({index: (name, p) for index, name, p in zip(saved["params"], names, live["params"])})
+    for index, entry in state.items():
+        if index not in by_index or not isinstance(entry, Mapping):
+            continue
+        name, p = by_index[index]
+        for key in _PARAM_SHAPED:
+            t = entry.get(key)
+            if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{owner}: the saved {key!r} of {name!r} has shape {tuple(t.shape)}, the parameter here has shape "
+                    f"{tuple(p.shape)}: the state is from a different model"
+                )
+
+
+def _finite_flags(tensors: list[torch.Tensor], sharded: Optional[bool] = None) -> list[bool]:
+    """For each tensor, whether every entry is finite. Row shards (DTensors, or ``sharded=True``) are agreed over
+    the ranks with one all-reduce. One host synchronisation for the whole list."""
+    if not tensors:
+        return []
+    locals_ = [_local(t) for t in tensors]
+    if sharded is None:
+        sharded = any(loc is not t for loc, t in zip(locals_, tensors))
+    device = comm_device() if sharded else locals_[0].device
+    flags = torch.stack([torch.isfinite(loc).all().to(device) for loc in locals_]).to(torch.int32)
+    if sharded:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    return [bool(f) for f in flags.tolist()]
+
+
+def _warn_nonfinite(owner: str, name: str, what: str) -> None:
+    warnings.warn(
+        f"{owner}: the update of {name!r} has non-finite entries (NaN or inf in its gradient); {what}. Projecting "
+        "it would spread the NaN over the whole matrix. Lower the learning rate or clip gradients if it repeats.",
+        RuntimeWarning, stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -536,6 +829,7 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
         svd_method: str = "exact",
         cache_dir=None,
         backend: str = "auto",
+        precision: str = DEFAULT_PRECISION,
         progress: bool = True,
     ):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -543,11 +837,12 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
         self.optimizer = base_optimizer
         self.sides = check_sides(sides)
         self.backend = check_backend(backend)
+        self.precision = check_precision(precision)
         self._positions = self._names_by_position(base_optimizer, named_parameters)
         named = {name: base_optimizer.param_groups[g]["params"][i] for (g, i), name in self._positions.items()}
         self.bases = PrincipalBases.build(
             "OffPrincipalOptimizer", named,
-            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress),
+            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress, self.sides),
         )
         self._before: dict[tuple[int, int], torch.Tensor] = {}
         self._handles = [
@@ -558,13 +853,19 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _names_by_position(base, named_parameters) -> dict[tuple[int, int], str]:
         if named_parameters is not None:
-            by_id = {id(p): name for name, p in named_parameters}
+            pairs = list(named_parameters)
+            check_unique_names("OffPrincipalOptimizer", [name for name, _ in pairs])
+            by_id = {id(p): name for name, p in pairs}
             return {
                 (g, i): by_id[id(p)]
                 for g, group in enumerate(base.param_groups) for i, p in enumerate(group["params"]) if id(p) in by_id
             }
         if all("param_names" in group for group in base.param_groups):
-            return {(g, i): name for g, group in enumerate(base.param_groups) for i, name in enumerate(group["param_names"])}
+            positions = {
+                (g, i): name for g, group in enumerate(base.param_groups) for i, name in enumerate(group["param_names"])
+            }
+            check_unique_names("OffPrincipalOptimizer", list(positions.values()))
+            return positions
         raise ValueError(
             "OffPrincipalOptimizer needs the parameter names: pass named_parameters=model.named_parameters(), or "
             "build the base optimizer from model.named_parameters()"
@@ -593,7 +894,12 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
             shard, U, V = self.bases.local(name, p)
             old = before.pop(pos).float()
             delta = old - shard.local.float()
-            project_(delta, U, V, self.sides, backend=self.backend, all_reduce=shard.all_reduce)
+            if not _finite_flags([delta], sharded=shard.all_reduce is not None)[0]:
+                _warn_nonfinite("OffPrincipalOptimizer", name, "the weight is restored (the base optimizer's own state "
+                                "has taken the step)")
+                shard.local.copy_(old)
+                continue
+            project_(delta, U, V, self.sides, backend=self.backend, all_reduce=shard.all_reduce, precision=self.precision)
             shard.local.copy_(old.sub_(delta))
 
     def remove(self) -> None:
@@ -614,8 +920,22 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
-        """Delegates; parameters added later are not projected."""
+        """Add a group of *named* parameters (``(name, tensor)`` pairs) to the base optimizer; its eligible
+        weights get bases by the construction's rules, computed now. Unnamed parameters and names already
+        present are refused."""
+        param_group, named = _named_group(param_group, "OffPrincipalOptimizer")
+        check_unique_names("OffPrincipalOptimizer", list(self.bases.params) + list(named))
+        if not all("param_names" in group for group in self.optimizer.param_groups):  # torch: all named or none
+            param_group = {k: v for k, v in param_group.items() if k != "param_names"}
+            param_group["params"] = list(named.values())
         self.optimizer.add_param_group(param_group)
+        g = len(self.optimizer.param_groups) - 1
+        try:
+            self.bases.extend(named)
+        except Exception:
+            self.optimizer.param_groups.pop()
+            raise
+        self._positions.update({(g, i): name for i, name in enumerate(named)})
 
     def register_step_pre_hook(self, hook):
         return self.optimizer.register_step_pre_hook(hook)
@@ -630,10 +950,16 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """The base optimizer's state plus the bases it was trained with, checked first as in
+        :meth:`OffPrincipalAdamW.load_state_dict` (groups, parameter counts, names, state shapes, certified bases)."""
         meta = state_dict.get("offprincipal")
-        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "offprincipal"})
+        check_state_fits("OffPrincipalOptimizer", self.optimizer.param_groups, state_dict)
         if meta is not None:
-            self.bases.reconcile(meta["bases"])
+            if meta.get("sides", self.sides) != self.sides:
+                raise ValueError(f"the saved state used sides={meta['sides']!r}, this optimizer sides={self.sides!r}")
+            live = {name: self.optimizer.param_groups[g]["params"][i] for (g, i), name in self._positions.items()}
+            self.bases.reconcile(meta.get("bases"), live)
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "offprincipal"})
 
     def __getstate__(self):
         return self.__dict__

@@ -1,0 +1,401 @@
+"""Fault injection for the bases and the optimizers (issue 9, findings 3, 4, 6, 7, 11, 13, 14).
+
+Every test reproduces a fault that was silent (or a crash) before the fix: damaged cache entries used as they
+were, a foreign optimizer state adopted, added or duplicated parameters trained without their own projection,
+one NaN spreading over a whole matrix, an unusable cache location crashing the run, a state of another shape
+accepted until step().
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from offprincipal.optim import OffPrincipalAdamW, OffPrincipalOptimizer
+from offprincipal.projection import principal_leak
+from offprincipal import subspace as subspace_mod
+from offprincipal.subspace import Subspace, SubspaceCache, compute_subspaces, fingerprint, top_k_subspace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LEAK_TOL = 1e-5
+CACHE_LOGGER = "offprincipal.subspace"
+
+
+def certify(*args, **kwargs):
+    """:func:`offprincipal.subspace.certify_subspace` (looked up at call time: the module may predate it)."""
+    return subspace_mod.certify_subspace(*args, **kwargs)
+
+
+class Tiny(nn.Module):
+    def __init__(self, d=24, h=40, vocab=50):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.up = nn.Linear(d, h, bias=True)
+        self.down = nn.Linear(h, d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Tiny(**kw)
+
+
+def train(model, opt, gen, steps):
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def spectral_weight(m=40, n=24, seed=0, dtype=torch.float32):
+    """A weight with a clear spectrum (σ_i = 1/i), so 'top k' is unambiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, p, generator=gen)).Q
+    V = torch.linalg.qr(torch.randn(n, p, generator=gen)).Q
+    S = 1.0 / torch.arange(1, p + 1, dtype=torch.float32)
+    return ((U * S) @ V.T).to(dtype)
+
+
+def minor_bases(W, k):
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return Subspace(U[:, -k:].contiguous(), S[-k:].contiguous(), Vh[-k:].T.contiguous())
+
+
+def same_subspace(a: Subspace, b: Subspace) -> bool:
+    return torch.allclose(a.U @ a.U.T, b.U @ b.U.T, atol=1e-5) and torch.allclose(a.V @ a.V.T, b.V @ b.V.T, atol=1e-5)
+
+
+# --- the certificate itself ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_certificate_accepts_fresh_bases_in_every_dtype_and_as_a_tuple(dtype):
+    W = spectral_weight(dtype=dtype)
+    sub = top_k_subspace(W, 4)
+    certify(W, sub)
+    certify(W, (sub.U, sub.V))  # S derived as diag(Uᵀ W V)
+    certify(W, top_k_subspace(W, 4, "randomized"), sides="left")
+
+
+def test_certificate_refuses_random_zeroed_nan_and_minor_bases():
+    W = spectral_weight()
+    good = top_k_subspace(W, 4)
+    gen = torch.Generator().manual_seed(1)
+    random = Subspace(torch.linalg.qr(torch.randn(40, 4, generator=gen)).Q, good.S,
+                      torch.linalg.qr(torch.randn(24, 4, generator=gen)).Q)
+    nan_U = good.U.clone()
+    nan_U[3, 1] = float("nan")
+    cases = {
+        "random": (random, "not singular pairs"),
+        "zeroed": (Subspace(torch.zeros_like(good.U), good.S, torch.zeros_like(good.V)), "not orthonormal"),
+        "nan": (Subspace(nan_U, good.S, good.V), "non-finite"),
+        "minor": (minor_bases(W, 4), "not its top 4"),
+        "foreign": (top_k_subspace(spectral_weight(seed=5), 4), "not singular pairs"),
+    }
+    for label, (sub, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            certify(W, sub, name=label)
+
+
+# --- finding 3: cache content ------------------------------------------------------------------------------------
+
+
+def _rewrite_entry(path, U, S, V):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file({"U": U.contiguous(), "S": S.contiguous(), "V": V.contiguous()}, str(path), metadata=meta)
+
+
+def _flip_data_bytes(path):
+    raw = bytearray(path.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    start = 8 + header_len
+    for i in range(start, start + 16):  # the first four fp32 entries of the first tensor: header intact
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["random", "zeroed", "nan", "flipped", "minor"])
+def test_damaged_cache_entry_with_intact_header_is_recomputed_with_a_warning(tmp_path, caplog, damage):
+    W = spectral_weight()
+    fresh = compute_subspaces({"w": W}, 4, cache_dir=tmp_path, progress=False)["w"]
+    (path,) = tmp_path.rglob("*.safetensors")
+    gen = torch.Generator().manual_seed(3)
+    if damage == "random":
+        _rewrite_entry(path, torch.linalg.qr(torch.randn(40, 4, generator=gen)).Q, fresh.S,
+                       torch.linalg.qr(torch.randn(24, 4, generator=gen)).Q)
+    elif damage == "zeroed":
+        _rewrite_entry(path, torch.zeros(40, 4), fresh.S, torch.zeros(24, 4))
+    elif damage == "nan":
+        U = fresh.U.clone()
+        U[5, 2] = float("nan")
+        _rewrite_entry(path, U, fresh.S, fresh.V)
+    elif damage == "minor":
+        minor = minor_bases(W, 4)
+        _rewrite_entry(path, minor.U, minor.S, minor.V)
+    else:
+        _flip_data_bytes(path)
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        again = compute_subspaces({"w": W}, 4, cache_dir=tmp_path, progress=False)["w"]
+    assert same_subspace(again, fresh), f"{damage} cache entry was used"
+    assert torch.isfinite(again.U).all() and torch.isfinite(again.V).all()
+    assert any(str(path) in r.getMessage() for r in caplog.records), "the warning must name the file"
+    certify(W, SubspaceCache(tmp_path).load(fingerprint(W), (40, 24), 4, "exact", "cpu"))  # rewritten
+
+
+# --- finding 4: foreign optimizer state, crafted fingerprints -----------------------------------------------------
+
+
+def test_foreign_optimizer_state_is_refused_with_what_does_not_match():
+    model_a, model_b = make(seed=0), make(seed=1)
+    opt_a = OffPrincipalAdamW(model_a.named_parameters(), lr=1e-2, top_k=4, progress=False)
+    train(model_a, opt_a, torch.Generator().manual_seed(0), 2)
+    opt_b = OffPrincipalAdamW(model_b.named_parameters(), lr=1e-2, top_k=4, progress=False)
+    before = {name: opt_b.bases.entries[name].U.clone() for name in opt_b.bases}
+    with pytest.raises(ValueError, match="not singular pairs"):
+        opt_b.load_state_dict(roundtrip(opt_a.state_dict()))
+    for name, U in before.items():
+        assert torch.equal(opt_b.bases.entries[name].U, U), "a refused state must leave the bases as they were"
+
+
+def test_crafted_fingerprint_never_reads_outside_the_cache(tmp_path):
+    cache_dir = tmp_path / "a" / "b" / "cache"
+    model = make()
+    opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, cache_dir=cache_dir, progress=False)
+    sd = roundtrip(opt.state_dict())
+    crafted = "../../../evil/x"
+    # a safetensors file where an unchecked fingerprint would lead: bases of another model, header matching
+    foreign = top_k_subspace(make(seed=7).up.weight, 4)
+    outside = SubspaceCache(cache_dir)
+    target = outside.directory / crafted[:2] / f"{crafted}-exact-k4.safetensors"
+    target.resolve().parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({"U": foreign.U, "S": foreign.S, "V": foreign.V}, str(target.resolve()),
+              metadata={"fingerprint": crafted, "method": "exact", "version": "1", "shape": "(40, 24)"})
+    sd["offprincipal"]["bases"]["up.weight"]["fingerprint"] = crafted
+    U = opt.bases.entries["up.weight"].U.clone()
+    with pytest.raises(ValueError, match="not a weight fingerprint"):
+        opt.load_state_dict(sd)
+    assert torch.equal(opt.bases.entries["up.weight"].U, U)
+    with pytest.raises(ValueError, match="not a weight fingerprint"):
+        outside.path(crafted, 4, "exact")
+    with pytest.raises(ValueError, match="method tag"):
+        outside.path("0" * 32, 4, "exact/../../x")
+
+
+@pytest.mark.parametrize("sides", ["both", "left", "right"])
+def test_genuine_resume_at_a_high_lr_passes_the_certificate_and_continues_identically(sides):
+    """Off-principal training keeps the saved bases singular pairs of the trained weights: a resume from the
+    trained weights is certified and follows the uninterrupted trajectory bit for bit."""
+
+    def build(model):
+        return OffPrincipalAdamW(model.named_parameters(), lr=3e-2, top_k=4, sides=sides, progress=False)
+
+    model = make()
+    opt = build(model)
+    gen = torch.Generator().manual_seed(5)
+    train(model, opt, gen, 10)
+    saved_model, saved_opt = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
+    gen_state = gen.get_state()
+    train(model, opt, gen, 5)
+
+    resumed = make(seed=1)
+    resumed.load_state_dict(saved_model)
+    opt2 = build(resumed)
+    opt2.load_state_dict(saved_opt)
+    gen.set_state(gen_state)
+    train(resumed, opt2, gen, 5)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), f"{name} diverged after resuming"
+
+
+def test_user_given_bases_are_certified():
+    model = make()
+    gen = torch.Generator().manual_seed(2)
+    U, V = torch.linalg.qr(torch.randn(40, 3, generator=gen)).Q, torch.linalg.qr(torch.randn(24, 3, generator=gen)).Q
+    with pytest.raises(ValueError, match="subspaces="):
+        OffPrincipalAdamW(model.named_parameters(), subspaces={"up.weight": (U, V)}, progress=False)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="subspaces="):
+        OffPrincipalOptimizer(base, model.named_parameters(), subspaces={"up.weight": (U, V)}, progress=False)
+
+
+# --- finding 6: add_param_group ----------------------------------------------------------------------------------
+
+
+def _groups_without(model, names):
+    return [(n, p) for n, p in model.named_parameters() if n not in names]
+
+
+def test_add_param_group_projects_named_weights_and_refuses_unnamed_ones():
+    model = make()
+    opt = OffPrincipalAdamW(_groups_without(model, {"down.weight"}), lr=1e-2, top_k=4, progress=False)
+    assert "down.weight" not in opt.bases
+    with pytest.raises(ValueError, match="names"):
+        opt.add_param_group({"params": [model.down.weight]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [("down.weight", model.down.weight)], "weight_decay": 0.0})
+    assert "down.weight" in opt.bases and opt.bases.entries["down.weight"].U.shape == (24, 4)
+    before = model.down.weight.detach().clone()
+    train(model, opt, torch.Generator().manual_seed(0), 5)
+    left, right = principal_leak(model.down.weight.detach() - before, *opt.bases["down.weight"])
+    assert max(left, right) <= LEAK_TOL
+
+
+def test_add_param_group_of_the_wrapper_projects_named_weights_and_refuses_unnamed_ones():
+    model = make()
+    base = torch.optim.SGD([p for n, p in model.named_parameters() if n != "down.weight"], lr=0.1, momentum=0.9)
+    opt = OffPrincipalOptimizer(base, model.named_parameters(), top_k=4, progress=False)
+    assert "down.weight" not in opt.bases
+    with pytest.raises(ValueError, match="names"):
+        opt.add_param_group({"params": [model.down.weight]})
+    assert len(base.param_groups) == 1
+    opt.add_param_group({"params": [("down.weight", model.down.weight)]})
+    assert "down.weight" in opt.bases
+    before = model.down.weight.detach().clone()
+    train(model, opt, torch.Generator().manual_seed(0), 5)
+    left, right = principal_leak(model.down.weight.detach() - before, *opt.bases["down.weight"])
+    assert max(left, right) <= LEAK_TOL
+
+
+# --- finding 7: duplicate names ----------------------------------------------------------------------------------
+
+
+def test_duplicate_parameter_names_are_refused():
+    model = make()
+    with pytest.raises(ValueError, match="more than once"):
+        OffPrincipalAdamW([("w", model.up.weight), ("w", model.down.weight)], top_k=4, progress=False)
+    base = torch.optim.SGD([model.up.weight, model.down.weight], lr=0.1)
+    with pytest.raises(ValueError, match="more than once"):
+        OffPrincipalOptimizer(base, [("w", model.up.weight), ("w", model.down.weight)], top_k=4, progress=False)
+    opt = OffPrincipalAdamW([("up.weight", model.up.weight)], top_k=4, progress=False)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [("up.weight", model.down.weight)]})
+
+
+# --- finding 11: non-finite gradients ----------------------------------------------------------------------------
+
+
+def test_one_nan_gradient_entry_skips_that_matrix_step_with_a_warning():
+    model = make()
+    opt = OffPrincipalAdamW(model.named_parameters(), lr=1e-2, top_k=4, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    train(model, opt, gen, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {k: v.clone() for k, v in opt.state[model.up.weight].items()}
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    model.up.weight.grad[3, 5] = float("nan")
+    with pytest.warns(RuntimeWarning, match="up.weight"):
+        opt.step()
+    assert torch.equal(model.up.weight, before["up.weight"])
+    for key, value in moments.items():
+        assert torch.equal(opt.state[model.up.weight][key], value), key
+    assert not torch.equal(model.down.weight, before["down.weight"]), "other weights still step"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_wrapper_restores_a_matrix_whose_update_is_not_finite():
+    model = make()
+    opt = OffPrincipalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), top_k=4,
+                                progress=False)
+    before = model.up.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.up.weight.grad[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="up.weight"):
+        opt.step()
+    assert torch.equal(model.up.weight, before)
+    assert torch.isfinite(model.down.weight).all()
+
+
+# --- finding 13: unusable cache location -------------------------------------------------------------------------
+
+
+def _cache_warnings(caplog):
+    return [r for r in caplog.records if "cannot be written" in r.getMessage()]
+
+
+def test_cache_dir_that_is_a_file_gives_one_warning_and_the_run_goes_on(tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a user's file")
+    weights = {f"w{i}": spectral_weight(seed=i) for i in range(3)}
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        subs = compute_subspaces(weights, 4, cache_dir=blocker, progress=False)
+    assert set(subs) == set(weights) and len(_cache_warnings(caplog)) == 1
+    assert blocker.read_text() == "a user's file"
+
+
+def test_cache_entry_path_that_is_a_folder_leaves_no_temp_file(tmp_path, caplog):
+    W = spectral_weight()
+    cache = SubspaceCache(tmp_path)
+    cache.path(fingerprint(W), 4, "exact").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        sub = compute_subspaces({"w": W}, 4, cache_dir=tmp_path, progress=False)["w"]
+    certify(W, sub)
+    assert len(_cache_warnings(caplog)) == 1
+    assert [p for p in tmp_path.rglob("*") if "tmp" in p.name] == []
+
+
+def test_get_peft_model_with_an_unusable_cache_runs_uncached(tmp_path, caplog):
+    from peft import get_peft_model
+
+    import offprincipal
+    from conftest import make_tiny_model
+
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("")
+    config = offprincipal.OffPrincipalConfig(r=2, top_k=4, target_modules=["q_proj", "v_proj"],
+                                             subspace_cache_dir=str(blocker))
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        model = get_peft_model(make_tiny_model(), config)
+    assert model is not None and len(_cache_warnings(caplog)) == 1
+
+
+# --- finding 14: a state for other shapes ------------------------------------------------------------------------
+
+
+def test_state_of_another_shape_is_refused_at_load_state_dict():
+    small, large = make(h=40), make(h=44)
+    opt_small = OffPrincipalAdamW(small.named_parameters(), top_k=4, progress=False)
+    train(small, opt_small, torch.Generator().manual_seed(0), 1)
+    sd = roundtrip(opt_small.state_dict())
+    opt_large = OffPrincipalAdamW(large.named_parameters(), top_k=4, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        opt_large.load_state_dict(sd)
+    assert not opt_large.state, "nothing is loaded from a refused state"
+    sd_plain = {k: v for k, v in sd.items() if k != "offprincipal"}
+    with pytest.raises(ValueError, match="shape"):
+        opt_large.load_state_dict(sd_plain)
+    wrapped = OffPrincipalOptimizer(torch.optim.AdamW(large.parameters()), large.named_parameters(), top_k=4,
+                                    progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        wrapped.load_state_dict(sd)
+
+
+def test_state_with_other_parameter_names_is_refused():
+    model = make()
+    opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, progress=False)
+    train(model, opt, torch.Generator().manual_seed(0), 1)
+    sd = roundtrip(opt.state_dict())
+    sd["param_groups"][0]["param_names"] = list(reversed(sd["param_groups"][0]["param_names"]))
+    with pytest.raises(ValueError, match="names parameter"):
+        OffPrincipalAdamW(model.named_parameters(), top_k=4, progress=False).load_state_dict(sd)
