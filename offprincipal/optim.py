@@ -19,6 +19,19 @@ State dicts keep torch's layout (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq`` pe
 top-level ``"offprincipal"`` entry of plain metadata (sides, and per projected weight the fingerprint of the
 weight the bases came from, k and the SVD method). Loading it into an optimizer constructed from *trained*
 weights fetches the original bases from the subspace cache, so a resumed run follows the same trajectory.
+
+What is checked (nothing is trusted because of its name or key):
+
+- bases given by the user (``subspaces=``) and bases named by a saved state are certified against the live
+  weights (:func:`offprincipal.subspace.certify_subspace`, top-k tolerance :data:`TRAINED_TOPK_TOL`) and
+  refused with :class:`~offprincipal.subspace.SubspaceMismatch` when they do not fit; fingerprints in a saved
+  state are validated as data (32 hex digits), so no file outside the cache folder is ever read;
+- ``load_state_dict`` checks param groups, parameter counts, names and per-parameter state shapes before
+  anything is loaded; a refused state leaves the optimizer as it was;
+- parameter names are unique; ``add_param_group`` takes named parameters only and gives them bases;
+- non-finite updates: a projected matrix whose gradient has a NaN or inf entry does not step (a
+  ``RuntimeWarning`` names it; weight, moments and step count stay as they were), since projecting a NaN
+  update would spread it over the whole matrix. Unprojected parameters follow torch AdamW (entrywise).
 """
 
 from __future__ import annotations
@@ -498,8 +511,9 @@ class OffPrincipalAdamW(torch.optim.AdamW):
             :func:`offprincipal.subspace.resolve_top_k`.
         sides: ``"both"`` (default), ``"left"`` or ``"right"`` — in the parameter's stored (out, in) layout.
         exclude: regexes of parameter names that step as plain AdamW (default :data:`DEFAULT_EXCLUDE`).
-        subspaces: precomputed bases ``{name: Subspace or (U, V)}``; exactly these weights are projected.
-            Otherwise bases are computed from the parameters' current values (the pretrained weights) with the
+        subspaces: precomputed bases ``{name: Subspace or (U, V)}``; exactly these weights are projected. They
+            are certified against the parameters' current values (a ``(U, V)`` pair gets S = diag(Uᵀ W V));
+            bases that are not a top-k singular basis of the weight are refused. Otherwise bases are computed from the parameters' current values (the pretrained weights) with the
             subspace bank (``svd_method``, ``cache_dir``); with several ranks, on rank 0 and broadcast.
         master_weights: keep an fp32 copy (``state["master_param"]``) and fp32 moments for every bf16/fp16
             parameter; the step runs on the copy, which stays exactly off-principal, and the stored parameter is
@@ -513,6 +527,11 @@ class OffPrincipalAdamW(torch.optim.AdamW):
     Projected params cost two fused passes per step on CUDA (≈36 bytes/param without weight decay, 40 with,
     against fused AdamW's 28). Under FSDP2 (DTensor ``Shard(0)``) the step is shard-local plus one all-reduce of
     a k×n matrix per projected weight (left side). DeepSpeed ZeRO is refused (use the adapter form).
+
+    Non-finite policy: a projected weight whose gradient has a NaN or inf entry skips its step (weight, moments
+    and step count unchanged) with a ``RuntimeWarning`` naming it; checking costs one extra read of the
+    projected gradients and one host synchronisation per param group and step (under FSDP2, one small
+    all-reduce so every rank skips the same weights).
     """
 
     def __init__(
@@ -813,7 +832,9 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
     rounded once more, so the stored weights leak by their rounding, as in :class:`OffPrincipalAdamW`.
 
     Names: taken from ``named_parameters`` (matched by identity at construction), else from the base optimizer's
-    ``param_names`` (when it was built from named parameters).
+    ``param_names`` (when it was built from named parameters); each name once. ``add_param_group`` takes named
+    parameters and gives them bases. A projected weight whose update Δ has a non-finite entry is restored to
+    its value before the step, with a ``RuntimeWarning`` (the base optimizer's own state has already stepped).
     """
 
     def __init__(
