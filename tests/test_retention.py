@@ -174,3 +174,17 @@ def test_adapter_drift_uses_the_disabled_adapter(tokenizer):
     _train_towards_other_text(model, tokenizer)
     drift = R.nll_drift(model, answers, tokenizer)
     assert drift.base_nll == pytest.approx(base, abs=1e-6) and drift.drift_nll > 0.05
+
+
+@pytest.mark.real_model
+def test_smollm2_base_answers_and_zero_drift(smollm2_dir):
+    from offprincipal.models import load_model
+
+    model, tok = load_model(smollm2_dir)
+    prompts = R.load_retention_prompts()[::36]  # an instruction and a code prompt
+    answers = R.base_answers(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    assert all(len(ids) >= 1 for ids in answers.answer_ids) and all(text.strip() for text in answers.answers)
+    base = R.answer_nll(model, tok, answers)
+    assert 0.0 < base < 1.5  # its own greedy answers: likely under its own weights
+    assert R.nll_drift(model, answers, tok, base_nll=base).drift_nll == 0.0
+    assert R.base_answers(model, tok, prompts, max_new_tokens=8, batch_size=2).from_cache
