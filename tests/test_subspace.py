@@ -138,3 +138,20 @@ def test_batched_exact_equals_single(tmp_path):
 def test_bad_method():
     with pytest.raises(ValueError, match="svd_method"):
         compute_subspaces({"w": torch.randn(5, 4)}, 1, method="qr", cache_dir=False)
+
+
+def test_cache_owns_its_folder_rule_and_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFPRINCIPAL_CACHE_DIR", str(tmp_path / "root"))
+    assert SubspaceCache.for_dir(None).directory == tmp_path / "root" / "subspaces"
+    assert SubspaceCache.for_dir(True).directory == tmp_path / "root" / "subspaces"
+    assert SubspaceCache.for_dir(False) is None
+    assert SubspaceCache.for_dir(tmp_path / "c").directory == tmp_path / "c"
+    assert SubspaceCache.tag("exact") == "exact"
+    assert SubspaceCache.tag("randomized", 64, 16, 0) == "randomized-o64-n16-s0"
+    fp = fingerprint(torch.randn(3, 2))
+    assert SubspaceCache(tmp_path).path(fp, 4, "exact").parent == tmp_path / fp[:2]
+    for bad in ("0" * 31, "G" * 32, "0" * 32 + "/..", fp.upper()):
+        with pytest.raises(ValueError, match="fingerprint"):
+            SubspaceCache(tmp_path).path(bad, 4, "exact")
+    with pytest.raises(ValueError, match="k must be"):
+        SubspaceCache(tmp_path).path(fp, 0, "exact")
