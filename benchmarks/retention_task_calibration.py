@@ -3,7 +3,9 @@
 Retention (b) needs a verifiable task that a run does not train on and that the base model already does decently
 (≥ 40 % greedy accuracy, with room to move both ways). This script measures the base model's greedy accuracy on
 the task's held-out split (what ``evaluate_accuracy`` reports) and on its train split, with a Wilson 95 % interval,
-the format-reward rate, the time taken and every wrong completion, and writes them as Markdown.
+the format-reward rate, the time taken and every wrong completion, and writes them as Markdown. With
+``--drift-cost`` it also times retention (a) on the packaged prompts: generating the base answers (no cache) and
+one :func:`~offprincipal.retention.answer_nll` pass, with the base model's NLL of its own answers.
 
     .venv/bin/python benchmarks/retention_task_calibration.py --out benchmarks/results/retention_task_calibration.md
 """
@@ -41,12 +43,36 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def drift_cost(model, tokenizer) -> list[str]:
+    """Markdown lines: the cost of retention (a) on the packaged prompt set with the default settings."""
+    from offprincipal import retention as R
+
+    start = time.perf_counter()
+    answers = R.base_answers(model, tokenizer, cache_dir=False)
+    generate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    nll = R.answer_nll(model, tokenizer, answers)
+    nll_s = time.perf_counter() - start
+    print(f"base answers {generate_s:.0f} s, answer NLL {nll_s:.0f} s, base NLL {nll:.3f}", file=sys.stderr)
+    n = len(answers.prompts)
+    return [
+        "## Retention (a) cost on the packaged prompts (default settings)",
+        "",
+        "| prompts | answer tokens (mean) | answers hitting max_new_tokens | base answers, s | one answer_nll pass, s "
+        "| base NLL of its own answers, nats/token |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {n} | {answers.n_tokens / n:.1f} | {sum(len(a) == answers.max_new_tokens for a in answers.answer_ids)} "
+        f"| {generate_s:.0f} | {nll_s:.0f} | {nll:.3f} |",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="capitals")
     p.add_argument("--splits", nargs="+", default=["test", "train"])
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--drift-cost", action="store_true", help="also time retention (a) on the packaged prompts")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -84,13 +110,15 @@ def main() -> None:
         f"Greedy, max_new_tokens={args.max_new_tokens}, batches of {args.batch_size}, left padding.",
         "",
         f"Command: `.venv/bin/python benchmarks/retention_task_calibration.py --task {args.task} "
-        f"--splits {' '.join(args.splits)}`",
+        f"--splits {' '.join(args.splits)}{' --drift-cost' if args.drift_cost else ''}`",
         "",
         "| split | prompts | correct | accuracy | Wilson 95% interval | format reward (bare answer) | seconds |",
         "|---|---:|---:|---:|---|---:|---:|",
     ]
     for split, n, k, low, high, bare, seconds in results:
         lines.append(f"| {split} | {n} | {k} | {k / n:.1%} | {low:.1%} – {high:.1%} | {bare:.1%} | {seconds:.0f} |")
+    if args.drift_cost:
+        lines += ["", *drift_cost(model, tokenizer)]
     lines += ["", f"## Wrong completions ({len(wrong)})", "", "| split | question | answer | completion |",
               "|---|---|---|---|"]
     for split, question, answer, completion in wrong:
