@@ -40,8 +40,8 @@ def main() -> None:
 
     from offprincipal import OffPrincipalAdamW, OffPrincipalConfig
     from offprincipal.models import load_model
-    from offprincipal.report import write_text_atomic
-    from offprincipal.trainer import AdapterDiagnostics, PrincipalBlocks
+    from offprincipal.diagnostics import AdapterDiagnostics, PrincipalBlocks
+    from offprincipal.files import write_text_atomic
 
     ids = torch.randint(100, 40000, (8, 96), generator=torch.Generator().manual_seed(0))
 

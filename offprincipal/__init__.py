@@ -1,49 +1,54 @@
-"""OffPrincipal: keep RLVR fine-tuning updates off the principal singular directions of pretrained weights."""
+"""OffPrincipal: keep RLVR fine-tuning updates off the principal singular directions of pretrained weights.
+
+The root namespace is the library: the PEFT adapter, the optimizers, the Trainer callbacks, the projection, the
+subspace API and the paper's metrics (:mod:`offprincipal.metrics`; live ones in :mod:`offprincipal.diagnostics`).
+Importing it registers the PEFT method (PEFT requires that) and nothing else: no ``torch.optim`` hook (the adapter
+registers its own when its first layer is created). Experiment helpers live in their modules:
+:mod:`offprincipal.models` (``load_model``, ``ensure_default_model``), :mod:`offprincipal.tasks` (``get_task``,
+``evaluate_accuracy``).
+"""
 
 from . import metrics
-from .metrics import compare_weights, linear_weights
-from .models import ensure_default_model, load_model
-from .tasks import evaluate_accuracy, get_task
-
 from .optim import DEFAULT_EXCLUDE, OffPrincipalAdamW, OffPrincipalOptimizer
 from .projection import principal_leak, project, project_, project_list
-from .tuner import OffPrincipalConfig, OffPrincipalModel, max_principal_leak, save_as_lora, to_lora
+from .subspace import Subspace, captured_energy, certify_subspace, compute_subspaces, resolve_top_k, top_k_subspace
 from .trainer import (
     OffPrincipalCallback,
     OffPrincipalDiagnosticsCallback,
     OffPrincipalTrainerMixin,
     offprincipal_trainer,
 )
-from .subspace import Subspace, captured_energy, compute_subspaces, resolve_top_k, top_k_subspace
+from .tuner import OffPrincipalConfig, OffPrincipalModel, max_principal_leak, save_as_lora, to_lora
 
 __all__ = [
-    "compare_weights",
-    "ensure_default_model",
-    "evaluate_accuracy",
-    "get_task",
-    "linear_weights",
-    "load_model",
-    "metrics",
+    # adapter (PEFT method)
+    "OffPrincipalConfig",
+    "OffPrincipalModel",
+    "max_principal_leak",
+    "save_as_lora",
+    "to_lora",
+    # optimizers
+    "DEFAULT_EXCLUDE",
+    "OffPrincipalAdamW",
+    "OffPrincipalOptimizer",
+    # Trainer glue
     "OffPrincipalCallback",
     "OffPrincipalDiagnosticsCallback",
     "OffPrincipalTrainerMixin",
     "offprincipal_trainer",
-    "DEFAULT_EXCLUDE",
-    "OffPrincipalAdamW",
-    "OffPrincipalOptimizer",
-    "project_",
-    "OffPrincipalConfig",
-    "OffPrincipalModel",
-    "save_as_lora",
-    "to_lora",
-    "Subspace",
-    "captured_energy",
-    "compute_subspaces",
-    "max_principal_leak",
+    # projection
     "principal_leak",
     "project",
+    "project_",
     "project_list",
+    # subspaces
+    "Subspace",
+    "captured_energy",
+    "certify_subspace",
+    "compute_subspaces",
     "resolve_top_k",
     "top_k_subspace",
+    # the paper's metrics
+    "metrics",
 ]
 __version__ = "0.1.0"

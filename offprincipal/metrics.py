@@ -1,4 +1,4 @@
-"""The paper's parameter-level diagnostics (arXiv 2511.08567), exact and live.
+"""The paper's parameter-level metrics (arXiv 2511.08567), exact and offline (full SVDs, dense masks).
 
 All weights are in ``nn.Linear`` orientation, W (m, n) = (out, in). W0 is the pretrained weight, W1 the tuned
 one and ΔW = W1 − W0. Definitions (``notes/paper.md``):
@@ -17,20 +17,8 @@ one and ΔW = W1 − W0. Definitions (``notes/paper.md``):
 - **Principal leak** of ΔW: (‖U0ᵀ ΔW‖_F, ‖ΔW V0‖_F) / ‖ΔW‖_F, computed by
   :func:`offprincipal.projection.principal_leak`.
 
-Live versions for training loops reuse the cached top-k basis ``Subspace(U, S, V)`` of W0 and cost O(m·n·k):
-
-- :func:`live_spectral_drift`: ‖σ(Uᵀ W_t V) − S‖₂ / ‖S‖₂, the drift of the top-k block seen in the fixed
-  bases. To first order in E = W_t − W0 both σ_i(UᵀW_tV) and σ_i(W_t) equal σ_i + u_iᵀ E v_i, so it matches
-  the exact top-k NSS (``spectral_drift(W0, W_t, k)``) up to O(‖E‖²/gap) terms.
-- :func:`live_principal_angles`: a few steps of subspace iteration U ← qr(W_t V), V ← qr(W_tᵀ U) started from
-  the cached V. Each step shrinks the error to the true top-k subspace of W_t by about (σ_{k+1}/σ_k)²; the
-  start is the *old* subspace, so with small spectral gaps the estimate is biased toward zero rotation. Use
-  the exact angles for reporting.
-
-Low-rank path for adapters: pass a :class:`LowRankWeight` (W = base + scale·B A, B (m, r), A (r, n)) instead
-of a tensor to the live functions, and :func:`lowrank_principal_leak` for the leak of scale·B A; neither forms
-the m×n product. The elementwise metrics (sparsity, masks, overlaps) and the exact NSS and angles need the
-dense matrices; use :meth:`LowRankWeight.dense`.
+Live versions for training loops (cached top-k bases, O(m·n·k), low-rank path for adapters) are in
+:mod:`offprincipal.diagnostics`; they share :class:`Rotation` and :func:`principal_angles` with this module.
 """
 
 from __future__ import annotations
@@ -38,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -82,7 +70,7 @@ def _svdvals64(W: torch.Tensor) -> torch.Tensor:
 
 def spectral_drift(w0: torch.Tensor, w1: torch.Tensor, k: Optional[int] = None) -> float:
     """NSS = ‖σ(W1) − σ(W0)‖₂ / ‖σ(W0)‖₂ in fp64; ``k`` restricts both vectors to their top-k (for comparing
-    with :func:`live_spectral_drift`). Returns 0.0 when W0 is zero and W1 equals it."""
+    with :func:`offprincipal.diagnostics.live_spectral_drift`). Returns 0.0 when W0 is zero and W1 equals it."""
     _check_pair(w0, w1)
     s0, s1 = _svdvals64(w0)[:k], _svdvals64(w1)[:k]
     return _relative_distance(s1, s0)
@@ -317,7 +305,9 @@ def compare_weights(
 
 def run_consistency(base: Mapping[str, torch.Tensor], runs: Sequence[Mapping[str, torch.Tensor]]) -> tuple[dict, Consistency]:
     """Per-layer :class:`Consistency` of the bf16 update masks of several runs from the same base, and the
-    model-level one (masks of all layers concatenated)."""
+    model-level one (masks of all layers concatenated): the paper's run-to-run consistency. ``base`` and each run
+    map weight names to tensors of the same shapes (every name of ``base`` must be in every run). Public API for
+    comparing seeds of one method; the CLI's ``analyze`` compares two checkpoints and does not call it."""
     if len(runs) < 2:
         raise ValueError(f"run_consistency needs at least 2 runs, got {len(runs)}")
     for i, run in enumerate(runs):
@@ -338,83 +328,3 @@ def linear_weights(model: torch.nn.Module, skip: Sequence[str] = ("lm_head",)) -
         for name, module in model.named_modules()
         if isinstance(module, (torch.nn.Linear, Conv1D)) and not any(s in name for s in skip)
     }
-
-
-# --- live versions and the low-rank path -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LowRankWeight:
-    """W = base + scale · B A without forming B A: base (m, n) or None (then W = scale · B A), B (m, r), A (r, n)."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-    scale: float = 1.0
-    base: Optional[torch.Tensor] = None
-
-    def __post_init__(self):
-        if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise ValueError(f"LowRankWeight needs B (m, r) and A (r, n), got {tuple(self.B.shape)} and {tuple(self.A.shape)}")
-        if self.base is not None and tuple(self.base.shape) != (self.B.shape[0], self.A.shape[1]):
-            raise ValueError(f"LowRankWeight base has shape {tuple(self.base.shape)}, B A has {(self.B.shape[0], self.A.shape[1])}")
-
-    def matmul(self, X: torch.Tensor) -> torch.Tensor:
-        """W X for X (n, p), in X's dtype."""
-        out = self.scale * (self.B.to(X) @ (self.A.to(X) @ X))
-        return out if self.base is None else out + self.base.to(X) @ X
-
-    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
-        """Wᵀ Y for Y (m, p), in Y's dtype."""
-        out = self.scale * (self.A.to(Y).T @ (self.B.to(Y).T @ Y))
-        return out if self.base is None else out + self.base.to(Y).T @ Y
-
-    def dense(self) -> torch.Tensor:
-        """The m×n matrix (for the elementwise metrics)."""
-        delta = self.scale * (self.B @ self.A)
-        return delta if self.base is None else self.base + delta
-
-
-WeightLike = Union[torch.Tensor, LowRankWeight]
-
-
-def _matmul(W: WeightLike, X: torch.Tensor) -> torch.Tensor:
-    return W.matmul(X) if isinstance(W, LowRankWeight) else W.detach().to(X) @ X
-
-
-def _rmatmul(W: WeightLike, Y: torch.Tensor) -> torch.Tensor:
-    return W.rmatmul(Y) if isinstance(W, LowRankWeight) else W.detach().to(Y).T @ Y
-
-
-def live_spectral_drift(weight: WeightLike, sub0: Subspace) -> float:
-    """‖σ(Uᵀ W_t V) − S‖₂ / ‖S‖₂ with W0's cached basis ``sub0`` (fp64; approximates the top-k NSS, see module doc)."""
-    U, S, V = (t.to(torch.float64) for t in (sub0.U, sub0.S, sub0.V))
-    core = U.T @ _matmul(weight, V)
-    return _relative_distance(torch.linalg.svdvals(core), S)
-
-
-def live_principal_angles(weight: WeightLike, sub0: Subspace, steps: int = 2) -> Rotation:
-    """Principal angles (degrees) between W0's cached top-k subspaces and an estimate of W_t's, obtained by
-    ``steps`` subspace-iteration steps warm-started from ``sub0.V`` (fp64; biased toward 0 under small gaps)."""
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
-    U0, V0 = sub0.U.to(torch.float64), sub0.V.to(torch.float64)
-    V = V0
-    for _ in range(steps):
-        U = torch.linalg.qr(_matmul(weight, V)).Q
-        V = torch.linalg.qr(_rmatmul(weight, U)).Q
-    return Rotation(principal_angles(U0, U), principal_angles(V0, V))
-
-
-def lowrank_principal_leak(B: torch.Tensor, A: torch.Tensor, U: Optional[torch.Tensor], V: Optional[torch.Tensor]) -> tuple[float, float]:
-    """:func:`~offprincipal.projection.principal_leak` of ΔW = B A (B (m, r), A (r, n)) without forming it.
-
-    With thin QRs B = Q_B R_B and Aᵀ = Q_A R_A, ΔW = Q_B C Q_Aᵀ with the core C = R_B R_Aᵀ (r, r); orthonormal
-    Q's preserve Frobenius norms, so the leak equals ``principal_leak(C, Q_Bᵀ U, Q_Aᵀ V)``. Cost O((m+n)·r·(r+k)).
-    A scale factor on ΔW does not change the leak.
-    """
-    QB, RB = torch.linalg.qr(B.detach().to(torch.float64))
-    QA, RA = torch.linalg.qr(A.detach().to(torch.float64).T)
-    core = RB @ RA.T
-    left = QB.T @ U.to(torch.float64) if U is not None else None
-    right = QA.T @ V.to(torch.float64) if V is not None else None
-    return principal_leak(core, left, right)

@@ -14,7 +14,8 @@ Two ways to make full-parameter training off-principal:
   GRPOTrainer)``, or :func:`offprincipal_trainer`). Use it under FSDP/accelerate-prepared optimizers, where a
   callback cannot swap the prepared optimizer, and when the diagnostics must reach ``report_to`` loggers.
 
-Diagnostics (every ``log_every`` optimizer steps; 0 = off) go into the Trainer's logs under ``offprincipal/``:
+Diagnostics (every ``log_every`` optimizer steps; 0 = off; computed by :mod:`offprincipal.diagnostics`) go into
+the Trainer's logs under ``offprincipal/``:
 
 - adapter form (any OffPrincipal ``PeftModel``): ``leak_max`` (worst ‖UᵀΔW‖/‖ΔW‖ or ‖ΔW V‖/‖ΔW‖ over layers,
   low-rank path) and ``update_rel_mean`` (mean ‖ΔW‖_F/‖W0‖_F);
@@ -35,75 +36,12 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .metrics import lowrank_principal_leak
+from .diagnostics import PREFIX, AdapterDiagnostics, PrincipalBlocks
 from .optim import DEFAULT_EXCLUDE, OffPrincipalAdamW, OffPrincipalOptimizer
-from .tuner import OffPrincipalLayer
-
-PREFIX = "offprincipal/"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# diagnostics
-
-
-def lowrank_norm(B: torch.Tensor, A: torch.Tensor) -> float:
-    """‖B A‖_F for B (m, r), A (r, n) without forming B A: ‖BA‖_F² = tr((BᵀB)(AAᵀ)), two r×r Gram matrices."""
-    B, A = B.detach().double(), A.detach().double()
-    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
-
-
-class AdapterDiagnostics:
-    """Live diagnostics of an OffPrincipal adapter, all through r-sized factors (no m×n matrix is formed):
-    worst principal leak over layers and mean relative update norm ‖ΔW‖_F/‖W0‖_F (‖W0‖_F computed once)."""
-
-    def __init__(self, adapter_name: str = "default"):
-        self.adapter_name = adapter_name
-        self._base_norms: dict[int, float] = {}
-
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        name = self.adapter_name
-        leaks, rel = [], []
-        for layer in model.modules():
-            if not isinstance(layer, OffPrincipalLayer) or name not in layer.offprincipal_A:
-                continue
-            A, B = layer.effective_factors(name)
-            U = layer.offprincipal_U[name] if name in layer.offprincipal_U else None
-            V = layer.offprincipal_V[name] if name in layer.offprincipal_V else None
-            leaks.append(max(lowrank_principal_leak(B, A, U, V)))
-            if id(layer) not in self._base_norms:
-                self._base_norms[id(layer)] = float(torch.linalg.matrix_norm(layer.get_base_layer().weight.double()))
-            rel.append(lowrank_norm(B, A) * layer.scaling[name] / self._base_norms[id(layer)])
-        if not leaks:
-            return {}
-        return {PREFIX + "leak_max": max(leaks), PREFIX + "update_rel_mean": sum(rel) / len(rel)}
-
-
-class PrincipalBlocks:
-    """UᵀW_0 (k×n) and W_0V (m×k) of every weight an off-principal optimizer projects, fp32, to check live that
-    the principal blocks do not move: ‖Uᵀ(W_t − W_0)‖/‖UᵀW_0‖ and ‖(W_t − W_0)V‖/‖W_0V‖."""
-
-    def __init__(self, optimizer, named: Mapping[str, torch.Tensor]):
-        self.bases = optimizer.bases
-        self.blocks = {name: self._blocks(name, named[name]) for name in self.bases if name in named}
-
-    @torch.no_grad()
-    def _blocks(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        basis = self.bases.entries[name]
-        W = p.detach().float()
-        return basis.U.T.to(W) @ W, W @ basis.V.to(W)
-
-    @torch.no_grad()
-    def shift(self, named: Mapping[str, torch.Tensor]) -> float:
-        worst = 0.0
-        for name, (left0, right0) in self.blocks.items():
-            left, right = self._blocks(name, named[name])
-            worst = max(
-                worst,
-                float(torch.linalg.matrix_norm(left - left0) / torch.linalg.matrix_norm(left0)),
-                float(torch.linalg.matrix_norm(right - right0) / torch.linalg.matrix_norm(right0)),
-            )
-        return worst
+# diagnostics in the Trainer's logs (the computations are in offprincipal.diagnostics)
 
 
 class PeriodicLogsCallback(TrainerCallback):

@@ -1,4 +1,5 @@
-"""The paper's parameter-level metrics against hand-computed values on planted matrices."""
+"""The paper's parameter-level metrics (offprincipal.metrics) and their live versions (offprincipal.diagnostics)
+against hand-computed values on planted matrices."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, tiny_batch
+from offprincipal import diagnostics as D
 from offprincipal import metrics as M
 from offprincipal.projection import principal_leak, project
 from offprincipal.subspace import Subspace
@@ -228,12 +230,12 @@ def gapped(m=40, n=30, k=4, seed=0):
 def test_live_drift_matches_exact_top_k_nss():
     W0, k = gapped(), 4
     sub = sub_of(W0, k)
-    assert M.live_spectral_drift(1.2 * W0, sub) == pytest.approx(0.2)
-    assert M.live_spectral_drift(1.2 * W0, sub) == pytest.approx(M.spectral_drift(W0, 1.2 * W0, k))
+    assert D.live_spectral_drift(1.2 * W0, sub) == pytest.approx(0.2)
+    assert D.live_spectral_drift(1.2 * W0, sub) == pytest.approx(M.spectral_drift(W0, 1.2 * W0, k))
     gen = torch.Generator().manual_seed(3)
     for scale, rel in ((0.005, 0.01), (0.05, 0.1)):  # agree to first order; the gap shrinks like ‖E‖²/σ
         W1 = W0 + scale * torch.randn(W0.shape, generator=gen, dtype=torch.float64)
-        exact, live = M.spectral_drift(W0, W1, k), M.live_spectral_drift(W1, sub)
+        exact, live = M.spectral_drift(W0, W1, k), D.live_spectral_drift(W1, sub)
         assert live == pytest.approx(exact, rel=rel)
 
 
@@ -243,11 +245,11 @@ def test_live_angles_match_exact_on_gapped_matrix():
     gen = torch.Generator().manual_seed(4)
     W1 = W0 + 0.3 * torch.randn(W0.shape, generator=gen, dtype=torch.float64)
     exact = M.subspace_rotation(sub, sub_of(W1, k))
-    live = M.live_principal_angles(W1, sub, steps=4)  # error shrinks ~(σ5/σ4)² ≈ 0.04 per step
+    live = D.live_principal_angles(W1, sub, steps=4)  # error shrinks ~(σ5/σ4)² ≈ 0.04 per step
     assert exact.max_left > 1.0
     assert live.left.tolist() == pytest.approx(exact.left.tolist(), abs=1e-4)
     assert live.right.tolist() == pytest.approx(exact.right.tolist(), abs=1e-4)
-    one_step = M.live_principal_angles(W1, sub, steps=1)  # warm start: fewer steps → biased toward 0
+    one_step = D.live_principal_angles(W1, sub, steps=1)  # warm start: fewer steps → biased toward 0
     assert exact.max_left - 0.1 > one_step.max_left > 0.5 * exact.max_left
 
 
@@ -255,7 +257,7 @@ def test_live_angles_recover_planted_rotation():
     m, k = 12, 3
     W0, L, R = planted(m, 9, [10, 9, 8, 1, 0.5, 0.4, 0.3, 0.2, 0.1])
     W1 = plane_rotation(m, 1, k, 20.0, L) @ W0
-    live = M.live_principal_angles(W1, sub_of(W0, k), steps=1)
+    live = D.live_principal_angles(W1, sub_of(W0, k), steps=1)
     assert live.max_left == pytest.approx(20.0, abs=1e-6) and live.max_right == pytest.approx(0.0, abs=1e-6)
 
 
@@ -265,16 +267,16 @@ def test_lowrank_weight_paths_match_dense():
     gen = torch.Generator().manual_seed(5)
     B = torch.randn(40, 6, generator=gen, dtype=torch.float64)
     A = torch.randn(6, 30, generator=gen, dtype=torch.float64)
-    lr = M.LowRankWeight(B, A, scale=0.1, base=W0)
+    lr = D.LowRankWeight(B, A, scale=0.1, base=W0)
     dense = lr.dense()
     X, Y = torch.randn(30, 3, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     assert torch.allclose(lr.matmul(X), dense @ X) and torch.allclose(lr.rmatmul(Y), dense.T @ Y)
-    assert M.live_spectral_drift(lr, sub) == pytest.approx(M.live_spectral_drift(dense, sub), rel=1e-10)
-    assert M.live_principal_angles(lr, sub).left.tolist() == pytest.approx(
-        M.live_principal_angles(dense, sub).left.tolist(), abs=1e-8
+    assert D.live_spectral_drift(lr, sub) == pytest.approx(D.live_spectral_drift(dense, sub), rel=1e-10)
+    assert D.live_principal_angles(lr, sub).left.tolist() == pytest.approx(
+        D.live_principal_angles(dense, sub).left.tolist(), abs=1e-8
     )
     with pytest.raises(ValueError, match="B \\(m, r\\) and A \\(r, n\\)"):
-        M.LowRankWeight(B, A.T)
+        D.LowRankWeight(B, A.T)
 
 
 def test_lowrank_leak_equals_dense_leak():
@@ -284,10 +286,65 @@ def test_lowrank_leak_equals_dense_leak():
     B = torch.randn(40, 5, generator=gen, dtype=torch.float64)
     A = torch.randn(5, 30, generator=gen, dtype=torch.float64)
     expected = principal_leak(B @ A, sub.U, sub.V)
-    assert M.lowrank_principal_leak(B, A, sub.U, sub.V) == pytest.approx(expected, rel=1e-10)
-    assert M.lowrank_principal_leak(B, A, None, sub.V) == pytest.approx((0.0, expected[1]), rel=1e-10)
+    assert D.lowrank_principal_leak(B, A, sub.U, sub.V) == pytest.approx(expected, rel=1e-10)
+    assert D.lowrank_principal_leak(B, A, None, sub.V) == pytest.approx((0.0, expected[1]), rel=1e-10)
     Bp = project(B, sub.U, None, "left")
-    assert M.lowrank_principal_leak(Bp, A, sub.U, sub.V)[0] < 1e-12
+    assert D.lowrank_principal_leak(Bp, A, sub.U, sub.V)[0] < 1e-12
+
+
+def test_lowrank_norm_matches_dense():
+    B, A = torch.randn(50, 4, dtype=torch.float64), torch.randn(4, 30, dtype=torch.float64)
+    assert D.lowrank_norm(B, A) == pytest.approx(float(torch.linalg.matrix_norm(B @ A)), rel=1e-12)
+    delta = D.LowRankWeight(B, A, scale=0.25)
+    assert delta.update_norm() == pytest.approx(0.25 * float(torch.linalg.matrix_norm(B @ A)), rel=1e-12)
+
+
+def test_adapter_diagnostics_match_dense_layer_values():
+    """leak_max and update_rel_mean through the r-sized factors equal the dense ΔW computations of each layer."""
+    from peft import get_peft_model
+
+    from offprincipal import OffPrincipalConfig
+    from offprincipal.tuner import OffPrincipalLayer
+
+    torch.manual_seed(0)
+    model = get_peft_model(make_tiny_model("llama"), OffPrincipalConfig(r=4, alpha=8, top_k=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "offprincipal_B" in name:
+                p.normal_()
+    layers = [m for m in model.modules() if isinstance(m, OffPrincipalLayer)]
+    dense_leak = max(max(layer.principal_leak("default")) for layer in layers)
+    dense_rel = [
+        float(torch.linalg.matrix_norm(layer.get_delta_weight("default").detach().double()))
+        / float(torch.linalg.matrix_norm(layer.get_base_layer().weight.double()))
+        for layer in layers
+    ]
+    logged = D.AdapterDiagnostics()(model)
+    assert set(logged) == {"offprincipal/leak_max", "offprincipal/update_rel_mean"}
+    assert logged["offprincipal/leak_max"] == pytest.approx(dense_leak, abs=1e-6) and logged["offprincipal/leak_max"] < 1e-5
+    assert logged["offprincipal/update_rel_mean"] == pytest.approx(sum(dense_rel) / len(dense_rel), rel=1e-5)
+    assert logged["offprincipal/update_rel_mean"] > 0
+    assert D.AdapterDiagnostics("absent")(model) == {}
+
+
+def test_principal_blocks_shift_is_zero_off_principal_and_sees_principal_moves():
+    from offprincipal.optim import OffPrincipalAdamW
+
+    model = make_tiny_model("llama")
+    opt = OffPrincipalAdamW(model.named_parameters(), lr=1e-2, top_k=4, progress=False)
+    named = dict(model.named_parameters())
+    blocks = D.PrincipalBlocks(opt, named)
+    assert blocks.blocks and blocks.shift(named) == 0.0
+    batch = tiny_batch()
+    for _ in range(2):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert blocks.shift(named) < 1e-5
+    name = next(iter(blocks.blocks))
+    with torch.no_grad():
+        named[name].mul_(1.1)  # scales the principal blocks by 1.1: shift 0.1
+    assert blocks.shift(named) == pytest.approx(0.1, rel=1e-3)
 
 
 def test_fp32_svd_path_agrees_with_fp64():

@@ -11,6 +11,7 @@ O(r·k·(m+n)) per forward, independent of the number of tokens; the m×n weight
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 import weakref
 from typing import Any, Optional
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from peft.tuners._buffer_dict import BufferDict
@@ -28,6 +30,8 @@ from ..subspace import Subspace, minor_right_directions, weight_matrix
 
 
 _CACHING_LAYERS: "weakref.WeakSet[OffPrincipalLayer]" = weakref.WeakSet()
+_STEP_HOOK: Optional[RemovableHandle] = None
+_STEP_HOOK_LOCK = threading.Lock()
 
 
 def _drop_factor_caches(optimizer, args, kwargs) -> None:
@@ -37,7 +41,18 @@ def _drop_factor_caches(optimizer, args, kwargs) -> None:
     _CACHING_LAYERS.clear()
 
 
-register_optimizer_step_post_hook(_drop_factor_caches)
+def ensure_step_hook() -> RemovableHandle:
+    """Register :func:`_drop_factor_caches` as a process-wide ``torch.optim`` step post-hook, once per process.
+
+    Called when an OffPrincipal layer is created and before a projection is cached, never on import: importing
+    ``offprincipal`` leaves ``torch.optim``'s global hooks untouched. Idempotent and safe under threads (double-checked
+    under a lock). The hook costs one loop over the layers holding a cache per optimizer step (usually none)."""
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        with _STEP_HOOK_LOCK:
+            if _STEP_HOOK is None:
+                _STEP_HOOK = register_optimizer_step_post_hook(_drop_factor_caches)
+    return _STEP_HOOK
 
 
 def resolve_fan_in_fan_out(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
@@ -77,6 +92,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self._factor_cache: dict[str, tuple] = {}  # scratch, not state: a plain dict is never saved
         self._unmerged_weight: Optional[tuple] = None  # scratch: (copy of the base weight, its version, its pointer)
+        ensure_step_hook()  # the factor cache must be dropped after every optimizer step
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -146,7 +162,8 @@ class OffPrincipalLayer(BaseTunerLayer):
 
         Outside autograd (generation, evaluation, merging) the projected factors are cached: generation would
         otherwise re-project them for every token. The cache is dropped by every grad-enabled forward and after
-        every ``torch.optim`` step (a global step hook: fused optimizers do not bump version counters), and keyed
+        every ``torch.optim`` step (a global step hook, :func:`ensure_step_hook`, registered by the first layer and
+        not on import: fused optimizers do not bump version counters), and keyed
         on the tensors' version counters and storage (reloads, moves, in-place edits) and on whether inference
         mode is on (factors cached under ``torch.inference_mode()`` are never reused outside it). A write through
         ``.data`` outside an optimizer step needs :meth:`clear_factor_cache`.
@@ -167,6 +184,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = self._factor_cache[adapter_name] = (key, self._project_factors(A, B, U, V))
+            ensure_step_hook()  # a layer built without __init__ (unpickled in a fresh process) registers it here
             _CACHING_LAYERS.add(self)
         return cached[1]
 
