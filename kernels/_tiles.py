@@ -66,38 +66,50 @@ def tile_indices(M, N, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(P, offsets, mask, again, part):
+    """P[offsets] ← part (+ P[offsets] when ``again``): a partial only this program writes, in program order."""
+    part += tl.load(P + offsets, mask=mask & again, other=0.0)
+    tl.store(P + offsets, part, mask=mask)
+
+
+@triton.jit
 def reduce_tile(
-    d, acc, rows, cols, row_mask, col_mask, U, V, DVP, M, K, q, first,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    d, acc, rows, cols, row_mask, col_mask, U, V, CP, DVP, M, N, K, r, q, i_again, j_again,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Pass 1 for one fp32 tile d = D[rows, cols] (BM×BN, zero outside the matrix); returns the new ``acc``.
 
-    LEFT:  acc (KP×BN) += U[rows, :]ᵀ d
-    RIGHT: DVP[q, rows, :] ← (0 if ``first`` else DVP[q, rows, :]) + d V[cols, :]      (BM×K)
-    U (M, K), V (N, K), DVP (Q, M, K) are contiguous fp32.
+    LEFT:  UᵀD[:, cols] of this row tile: into ``acc`` (KP×BN, registers) when BK == KP, else added into the
+           partial CP[r, :, cols] chunk by chunk of BK (``i_again``: not the rectangle's first row tile)
+    RIGHT: DVP[q, rows, :] ← (DVP[q, rows, :] if ``j_again`` else 0) + d V[cols, :]   (BM×K, chunks of BK)
+    U (M, K), V (N, K), CP (R, K, N), DVP (Q, M, K) are contiguous fp32.
     """
-    ks = tl.arange(0, KP)
-    k_mask = ks < K
-    r64 = rows.to(tl.int64)
-    if LEFT:
-        u = tl.load(U + r64[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(u), d, acc, input_precision=PRECISION)
-    if RIGHT:
-        v = tl.load(V + cols.to(tl.int64)[:, None] * K + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        offsets = q.to(tl.int64) * M * K + r64[:, None] * K + ks[None, :]
-        mask = row_mask[:, None] & k_mask[None, :]
-        again = (ks * 0 + first) != 0  # a tensor: scalar masks are not broadcast by every Triton version
-        part = tl.load(DVP + offsets, mask=mask & again[None, :], other=0.0)
-        part = tl.dot(d, v, part, input_precision=PRECISION)
-        tl.store(DVP + offsets, part, mask=mask)
-        tl.debug_barrier()  # the next column tile re-reads these rows, maybe from other threads of this program
+    r64, c64 = rows.to(tl.int64), cols.to(tl.int64)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < K
+        if LEFT:
+            u = tl.load(U + r64[:, None] * K + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if BK == KP:
+                acc = tl.dot(tl.trans(u), d, acc, input_precision=PRECISION)
+            else:
+                part = tl.dot(tl.trans(u), d, input_precision=PRECISION)
+                again = (cols * 0 + i_again) != 0  # tensors: scalar masks are not broadcast by every Triton version
+                _accumulate(CP, r.to(tl.int64) * K * N + ks[:, None].to(tl.int64) * N + c64[None, :],
+                            k_mask[:, None] & col_mask[None, :], again[None, :], part)
+        if RIGHT:
+            v = tl.load(V + c64[:, None] * K + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            part = tl.dot(d, v, input_precision=PRECISION)
+            again = (ks * 0 + j_again) != 0
+            _accumulate(DVP, q.to(tl.int64) * M * K + r64[:, None] * K + ks[None, :],
+                        row_mask[:, None] & k_mask[None, :], again[None, :], part)
+    tl.debug_barrier()  # the partials are re-read later by this program, maybe by other threads
     return acc
 
 
 @triton.jit
 def store_partial(CP, acc, cols, col_mask, N, K, r, KP: tl.constexpr):
-    """CP[r, :K, cols] ← acc (the UᵀD partial of row chunk r)."""
+    """CP[r, :K, cols] ← acc (the UᵀD partial of row chunk r, when it was kept in registers)."""
     ks = tl.arange(0, KP)
     offsets = r.to(tl.int64) * K * N + ks[:, None].to(tl.int64) * N + cols.to(tl.int64)[None, :]
     tl.store(CP + offsets, acc, mask=(ks < K)[:, None] & col_mask[None, :])
@@ -165,13 +177,20 @@ KPS = (16, 32, 64, 128, 256)
 """Padded K of pass 1 (tl.dot needs ≥ 16); larger k is refused (the bases of one weight are rarely wider)."""
 MAX_K = KPS[-1]
 
-# The shipped configurations, by pass and padded K (pass 1) or K chunk BK (pass 2). Chosen from the sm_90 / sm_80
-# compile report (no spills for every precision and dtype); tests/test_kernels_sm90.py checks the committed report.
-REDUCE_CONFIGS = {
-    16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
-    128: TileConfig(64, 64, 8, 2), 256: TileConfig(32, 64, 8, 2),
+# The shipped configurations by (padded k, precision) for pass 1 and (K chunk, precision) for pass 2, chosen from the
+# sm_90 / sm_80 compile report (no spills, every dtype); tests/test_kernels_sm90.py checks the committed report. Pass 1
+# at padded k > 64 adds UᵀD into its partial chunk by chunk (BK = 64), so 128 and 256 share their tiles.
+_T = TileConfig
+REDUCE_CONFIGS: dict[tuple[int, str], TileConfig] = {
+    (16, "tf32x3"): _T(16, 64, 8, 1), (16, "ieee"): _T(64, 32, 8, 1), (16, "tf32"): _T(32, 32, 4, 1),
+    (32, "tf32x3"): _T(64, 32, 8, 1), (32, "ieee"): _T(32, 32, 8, 1), (32, "tf32"): _T(64, 32, 8, 1),
+    (64, "tf32x3"): _T(32, 32, 8, 1), (64, "ieee"): _T(32, 32, 8, 1), (64, "tf32"): _T(32, 32, 8, 1),
+    **{(kp, precision): cfg for kp in (128, 256) for precision, cfg in
+       (("tf32x3", _T(32, 64, 8, 1)), ("ieee", _T(32, 32, 8, 1)), ("tf32", _T(32, 64, 8, 1)))},
 }
-APPLY_CONFIGS = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2)}
+APPLY_CONFIGS: dict[tuple[int, str], TileConfig] = {
+    (bk, precision): _T(32, 64, 8, 1) for bk in (16, 32) for precision in PRECISIONS
+}
 INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)  # its cost is per program: few, large tiles
 
 
@@ -182,16 +201,22 @@ def padded_k(k: int) -> int:
 
 
 def block_k(k: int) -> int:
-    """Chunk of the K dimension in pass 2: ≥16 (tl.dot's minimum; missing columns are masked to 0), ≤64."""
+    """Chunk of the K dimension in pass 2: ≥16 (tl.dot's minimum; missing columns are masked to 0), ≤32 (its
+    operands are split in two for tf32x3: larger chunks spill, see the compile report)."""
+    return min(32, padded_k(k))
+
+
+def reduce_block_k(k: int) -> int:
+    """K chunk of pass 1: all of the padded k up to 64 (UᵀD then accumulates in registers), else 64."""
     return min(64, padded_k(k))
 
 
-def reduce_config(k: int) -> TileConfig:
-    return INTERPRETER_CONFIG if INTERPRETED else REDUCE_CONFIGS[padded_k(k)]
+def reduce_config(k: int, precision: str) -> TileConfig:
+    return INTERPRETER_CONFIG if INTERPRETED else REDUCE_CONFIGS[padded_k(k), check_precision(precision)]
 
 
-def apply_config(k: int) -> TileConfig:
-    return INTERPRETER_CONFIG if INTERPRETED else APPLY_CONFIGS[block_k(k)]
+def apply_config(k: int, precision: str) -> TileConfig:
+    return INTERPRETER_CONFIG if INTERPRETED else APPLY_CONFIGS[block_k(k), check_precision(precision)]
 
 
 def target_programs(device: torch.device) -> int:
@@ -221,7 +246,7 @@ class Bases:
     """
 
     def __init__(self, shape: tuple[int, int], U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str,
-                 device: torch.device, what: str = "D"):
+                 device: torch.device, precision: str = DEFAULT_PRECISION, what: str = "D"):
         m, n = shape
         self.shape = shape
         self.left, self.right = uses_left(sides), uses_right(sides)
@@ -243,7 +268,8 @@ class Bases:
         padded_k(k)
         self.U = U.to(device=device, dtype=torch.float32).contiguous() if self.left else self.placeholder
         self.V = V.to(device=device, dtype=torch.float32).contiguous() if self.right else self.placeholder
-        self.reduce_cfg, self.apply_cfg = reduce_config(k), apply_config(k)
+        self.precision = check_precision(precision)
+        self.reduce_cfg, self.apply_cfg = reduce_config(k, precision), apply_config(k, precision)
         self.R, self.Q, self.RT, self.QT = rectangles(m, n, self.reduce_cfg, target_programs(device))
         self.CP = torch.empty(self.R, k, n, device=device, dtype=torch.float32) if self.left else self.placeholder
         self.DVP = torch.empty(self.Q, m, k, device=device, dtype=torch.float32) if self.right else self.placeholder
@@ -262,7 +288,7 @@ class Bases:
     def apply_args(self) -> tuple:
         return self.U, self.V, self.C, self.DV
 
-    def combine_(self, all_reduce: Optional[AllReduce], precision: str, extra_c=None, extra_dv=None) -> None:
+    def combine_(self, all_reduce: Optional[AllReduce], extra_c=None, extra_dv=None) -> None:
         """Between the passes: sum the partials (fixed order), the shards (``all_reduce``) and the optional
         exact additions (``extra_c`` k×n after the all-reduce, ``extra_dv`` m×k), then C ← C − (CV)Vᵀ when
         both sides are projected."""
@@ -278,15 +304,15 @@ class Bases:
             if extra_dv is not None:
                 self.DV += extra_dv
         if self.left and self.right:
-            with fp32_matmuls(precision):
+            with fp32_matmuls(self.precision):
                 self.C -= (self.C @ self.V) @ self.V.T
 
-    def reduce_constexprs(self, precision: str) -> dict:
-        return dict(LEFT=self.left, RIGHT=self.right, KP=padded_k(self.k), PRECISION=check_precision(precision),
-                    **self.reduce_cfg.launch())
+    def reduce_constexprs(self) -> dict:
+        return dict(LEFT=self.left, RIGHT=self.right, KP=padded_k(self.k), BK=reduce_block_k(self.k),
+                    PRECISION=self.precision, **self.reduce_cfg.launch())
 
-    def apply_constexprs(self, precision: str) -> dict:
-        return dict(LEFT=self.left, RIGHT=self.right, BK=block_k(self.k), PRECISION=check_precision(precision),
+    def apply_constexprs(self) -> dict:
+        return dict(LEFT=self.left, RIGHT=self.right, BK=block_k(self.k), PRECISION=self.precision,
                     **self.apply_cfg.launch())
 
 

@@ -58,7 +58,7 @@ def _adamw_reduce_kernel(
     sw0, sw1, sg0, sg1, sm0, sm1, sv0, sv1,
     one_minus_beta1, beta2, one_minus_beta2, grad_sign, step_size, bc2_sqrt, eps, lr_wd,
     READ_W: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    KP: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     """Pass 1 over this program's rectangle of tiles: update and store the moments, reduce UᵀD and DV of the
     update (of A alone unless READ_W: the weight-decay part is then added on the host)."""
@@ -69,7 +69,7 @@ def _adamw_reduce_kernel(
     for j in range(j0, j1):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
-        acc = tl.zeros((KP, BN), dtype=tl.float32)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)  # used when BK == KP (UᵀD kept in registers)
         for i in range(i0, i1):
             rows = i * BM + tl.arange(0, BM)
             row_mask = rows < M
@@ -87,9 +87,9 @@ def _adamw_reduce_kernel(
             if READ_W:
                 d = d + lr_wd * load_tile(W, rows, cols, mask, sw0, sw1)
             d = tl.where(mask, d, 0.0)
-            acc = reduce_tile(d, acc, rows, cols, row_mask, col_mask, U, V, DVP, M, K, q, j - j0,
-                              LEFT, RIGHT, KP, PRECISION)
-        if LEFT:
+            acc = reduce_tile(d, acc, rows, cols, row_mask, col_mask, U, V, CP, DVP, M, N, K, r, q, i - i0, j - j0,
+                              LEFT, RIGHT, KP, BK, PRECISION)
+        if LEFT and BK == KP:
             store_partial(CP, acc, cols, col_mask, N, K, r, KP)
 
 
@@ -180,7 +180,7 @@ def projected_adamw_step_(
         if t.shape != param.shape or t.ndim != 2:
             raise ValueError(f"{what} has shape {tuple(t.shape)}; expected the 2-D param shape {tuple(param.shape)}")
     m, n = param.shape
-    bases = Bases((m, n), U, V, sides, param.device, what="param")
+    bases = Bases((m, n), U, V, sides, param.device, precision, what="param")
     has_wd = torch.is_tensor(lr_wd) or lr_wd != 0
     read_w = has_wd and wd_terms is None
     with on_device(param):
@@ -191,7 +191,7 @@ def projected_adamw_step_(
                 param, grad, exp_avg, exp_avg_sq, *bases.reduce_args(), hyper, m, n, bases.k, bases.RT, bases.QT,
                 *param.stride(), *grad.stride(), *exp_avg.stride(), *exp_avg_sq.stride(),
                 one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                grad_sign=-1.0 if maximize else 1.0, READ_W=read_w, **scalars, **bases.reduce_constexprs(precision),
+                grad_sign=-1.0 if maximize else 1.0, READ_W=read_w, **scalars, **bases.reduce_constexprs(),
             )
         extra_c = extra_dv = None
         if has_wd and not read_w:
@@ -199,10 +199,10 @@ def projected_adamw_step_(
             utw, wv = wd_terms
             extra_c = utw * scale if bases.left else None
             extra_dv = wv * scale if bases.right else None
-        bases.combine_(all_reduce, precision, extra_c, extra_dv)
+        bases.combine_(all_reduce, extra_c, extra_dv)
         if param.numel():
             _adamw_apply_kernel[bases.apply_grid()](
                 param, exp_avg, exp_avg_sq, *bases.apply_args(), hyper, m, n, bases.k,
                 *param.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), HAS_WD=has_wd, **scalars,
-                **bases.apply_constexprs(precision),
+                **bases.apply_constexprs(),
             )

@@ -21,7 +21,7 @@ from ._tiles import Bases, apply_tile, check_device, load_tile, on_device, reduc
 @triton.jit
 def _project_reduce_kernel(
     D, U, V, CP, DVP, M, N, K, s0, s1, RT, QT,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """Pass 1 over this program's rectangle of tiles of D (M, N): partials of UᵀD into CP, of DV into DVP."""
@@ -31,14 +31,14 @@ def _project_reduce_kernel(
     for j in range(j0, j1):
         cols = j * BN + tl.arange(0, BN)
         col_mask = cols < N
-        acc = tl.zeros((KP, BN), dtype=tl.float32)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)  # used when BK == KP (UᵀD kept in registers)
         for i in range(i0, i1):
             rows = i * BM + tl.arange(0, BM)
             row_mask = rows < M
             d = load_tile(D, rows, cols, row_mask[:, None] & col_mask[None, :], s0, s1)
-            acc = reduce_tile(d, acc, rows, cols, row_mask, col_mask, U, V, DVP, M, K, q, j - j0,
-                              LEFT, RIGHT, KP, PRECISION)
-        if LEFT:
+            acc = reduce_tile(d, acc, rows, cols, row_mask, col_mask, U, V, CP, DVP, M, N, K, r, q, i - i0, j - j0,
+                              LEFT, RIGHT, KP, BK, PRECISION)
+        if LEFT and BK == KP:
             store_partial(CP, acc, cols, col_mask, N, K, r, KP)
 
 
@@ -77,16 +77,16 @@ def project_(
     if D.ndim != 2:
         raise ValueError(f"project_ needs a 2-D tensor, got shape {tuple(D.shape)}")
     m, n = D.shape
-    bases = Bases((m, n), U, V, sides, D.device)
+    bases = Bases((m, n), U, V, sides, D.device, precision)
     with on_device(D):
         if D.numel():
             _project_reduce_kernel[bases.reduce_grid()](
                 D, *bases.reduce_args(), m, n, bases.k, D.stride(0), D.stride(1), bases.RT, bases.QT,
-                **bases.reduce_constexprs(precision),
+                **bases.reduce_constexprs(),
             )
-        bases.combine_(all_reduce, precision)
+        bases.combine_(all_reduce)
         if D.numel():
             _project_apply_kernel[bases.apply_grid()](
-                D, *bases.apply_args(), m, n, bases.k, D.stride(0), D.stride(1), **bases.apply_constexprs(precision)
+                D, *bases.apply_args(), m, n, bases.k, D.stride(0), D.stride(1), **bases.apply_constexprs()
             )
     return D
