@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -123,13 +122,9 @@ def run_worker(argv: list[str]) -> dict:
 def machine(threads: int) -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {threads} torch thread(s) per worker, load average at the end {os.getloadavg()[0]:.1f}"
+    from offprincipal.hardware import cpu_name
+
+    return f"{os.cpu_count()}-core CPU ({cpu_name()}), torch {torch.__version__}, {threads} torch thread(s) per worker, load average at the end {os.getloadavg()[0]:.1f}"
 
 
 def main() -> None:
@@ -199,7 +194,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        from offprincipal.report import write_text_atomic
+        from offprincipal.files import write_text_atomic
 
         write_text_atomic(args.out, text)
 

@@ -22,26 +22,15 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from offprincipal.files import write_text_atomic
+from offprincipal.hardware import cpu_name
 from offprincipal.subspace import Subspace, SubspaceMismatch, certify_subspace, top_k_subspace
 from subspaces import linear_weights  # benchmarks/subspaces.py (this script's folder is on sys.path)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rejected(W: torch.Tensor, sub: Subspace) -> bool:

@@ -31,7 +31,7 @@ def main() -> None:
 
     from offprincipal import OffPrincipalConfig
     from offprincipal.models import load_model
-    from offprincipal.report import write_text_atomic
+    from offprincipal.files import write_text_atomic
 
     configs = {
         "lora": lambda: LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"),

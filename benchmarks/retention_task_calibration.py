@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,6 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def drift_cost(model, tokenizer) -> list[str]:
@@ -77,7 +66,8 @@ def main() -> None:
     args = p.parse_args()
 
     from offprincipal.models import load_model
-    from offprincipal.report import write_text_atomic
+    from offprincipal.files import write_text_atomic
+    from offprincipal.hardware import cpu_name
     from offprincipal.tasks import correctness_reward, format_reward, generate_completions, get_task
 
     load_start = os.getloadavg()[0]

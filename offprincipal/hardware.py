@@ -101,7 +101,7 @@ def describe_machine() -> dict:
     """What a run ran on (timings depend on it): platform, processor, cores, torch threads and CPU capability,
     and the GPU where there is one. Values are JSON scalars."""
     info = {
-        "platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "processor": cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "cpu_capability": cpu_capability(),
         "cpu_native_bf16": cpu_native_bf16(),
     }
@@ -110,7 +110,9 @@ def describe_machine() -> dict:
     return info
 
 
-def _cpu_model() -> str:
+def cpu_name() -> str:
+    """The CPU's model name: the ``model name`` line of ``/proc/cpuinfo``, else ``platform.processor()``, else the
+    architecture (``platform.machine()``), else ``"unknown"``."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -118,4 +120,14 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_device(device: str) -> str:
+    """One line naming the machine a timing was measured on, for benchmark reports: the GPU's name when ``device``
+    is ``"cuda"``; else ``"<cpu_name()> CPU, <n> cores (load average <1-min load> at start), no GPU"`` (the load is
+    read at the call, so call it before the measurement). :func:`describe_machine` is the structured record."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu_name()} CPU, {os.cpu_count()} cores (load average {load:.1f} at start), no GPU"

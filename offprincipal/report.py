@@ -15,22 +15,21 @@ Plots use matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from .files import to_json, write_json, write_text_atomic
+from .hardware import describe_device  # noqa: F401 - old import path, until benchmarks/bench_kernels.py switches
 from .metrics import LayerRecord
 
 PLOTS = "plots"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the Agg backend (imported lazily: only reports need it)."""
     import matplotlib
 
@@ -67,11 +66,17 @@ def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A markdown table."""
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table: ``header`` cells, then one line per row; strings are written as they are, other values
+    through ``_fmt`` (4 significant digits; ``n/a`` for None/NaN)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# old private names, still imported by benchmarks/rlvr_report.py (to be switched to pyplot / markdown_table)
+_pyplot = pyplot
+_table = markdown_table
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -90,7 +95,7 @@ def plot_per_layer(
     baseline: Optional[float] = None,
 ) -> Path:
     """One panel per entry of ``metrics`` (title → value of a record), one line per module kind over layer index."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _by_kind(records)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
     for ax, (title, value) in zip(axes[0], metrics.items()):
@@ -113,7 +118,7 @@ def plot_training_curve(log_records: Sequence[Mapping], path: Path) -> Optional[
     points = [(r["step"], r[key]) for r in log_records if key in r]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     steps, values = zip(*points)
     window = max(1, len(values) // 5)
     smooth = [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
@@ -131,7 +136,7 @@ def plot_training_curve(log_records: Sequence[Mapping], path: Path) -> Optional[
 
 def plot_accuracy(before: float, after: float, path: Path, n: int) -> Path:
     """Bar chart of held-out accuracy before and after training."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 3.8))
     bars = ax.bar(["before", "after"], [100 * before, 100 * after], color=["tab:gray", "tab:blue"])
     ax.bar_label(bars, fmt="%.1f%%")
@@ -158,7 +163,7 @@ def _kind_table(records: Sequence[LayerRecord]) -> str:
         ])
     header = ["kind", "weights", "mean NSS", "max angle L (°)", "max angle R (°)", "mean bf16 sparsity",
               "overlap principal", "overlap low-mag"]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _weight_table(records: Sequence[LayerRecord]) -> str:
@@ -170,7 +175,7 @@ def _weight_table(records: Sequence[LayerRecord]) -> str:
     ]
     header = ["weight", "shape", "k", "NSS", "max angle L (°)", "max angle R (°)", "bf16 sparsity",
               "overlap principal", "overlap low-mag", "principal leak"]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _summary_table(summary: Mapping) -> str:
@@ -183,7 +188,7 @@ def _summary_table(summary: Mapping) -> str:
         "overlap_random_baseline": "random baseline of both overlaps (α)",
         "mean_leak_left": "mean principal leak ‖U₀ᵀΔW‖/‖ΔW‖", "mean_leak_right": "mean principal leak ‖ΔW V₀‖/‖ΔW‖",
     }
-    return _table(["metric", "value"], [[label, summary[key]] for key, label in labels.items() if key in summary])
+    return markdown_table(["metric", "value"], [[label, summary[key]] for key, label in labels.items() if key in summary])
 
 
 def parameter_section(records: Sequence[LayerRecord], summary: Mapping, out_dir: Path) -> str:
@@ -225,54 +230,12 @@ def parameter_section(records: Sequence[LayerRecord], summary: Mapping, out_dir:
 
 
 def save_parameter_metrics(records: Sequence[LayerRecord], out_dir: Path) -> None:
-    """``layers.jsonl``: one LayerRecord (angle curves included) per line."""
-    with open(Path(out_dir) / "layers.jsonl", "w") as handle:
-        for record in records:
-            handle.write(to_json(record.as_dict()) + "\n")
-
-
-def to_json(data: Mapping, indent: Optional[int] = None) -> str:
-    """Strict JSON text of ``data`` (NaN written as null)."""
-    return json.dumps(_nan_to_none(data), indent=indent)
-
-
-def write_json(path: Path, data: Mapping) -> None:
-    """Pretty, strict JSON file."""
-    Path(path).write_text(to_json(data, indent=2) + "\n")
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: the file is complete or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def describe_device(device: str) -> str:
-    """The machine a result was measured on: the GPU's name, or the CPU with its core count and load."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (load average {load:.1f} at start), no GPU"
-
-
-def _nan_to_none(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    return value
+    """``layers.jsonl``: one LayerRecord (angle curves included) per line, written atomically."""
+    write_text_atomic(Path(out_dir) / "layers.jsonl", "".join(to_json(record.as_dict()) + "\n" for record in records))
 
 
 def _facts(facts: Mapping[str, object]) -> str:
-    return _table(["", ""], [[key, value if isinstance(value, str) else _fmt(value)] for key, value in facts.items()])
+    return markdown_table(["", ""], [[key, value if isinstance(value, str) else _fmt(value)] for key, value in facts.items()])
 
 
 # --- whole reports ----------------------------------------------------------------------------------------------
@@ -286,8 +249,7 @@ def write_analysis_report(
     save_parameter_metrics(records, out_dir)
     write_json(out_dir / "summary.json", {"inputs": dict(facts), "parameter_metrics": dict(summary)})
     text = "\n\n".join(["# Parameter-level analysis", _facts(facts), parameter_section(records, summary, out_dir)])
-    (out_dir / "report.md").write_text(text + "\n")
-    return out_dir / "report.md"
+    return write_text_atomic(out_dir / "report.md", text + "\n")
 
 
 def write_train_report(
@@ -298,23 +260,69 @@ def write_train_report(
     eval_n: int,
     records: Sequence[LayerRecord],
     summary: Mapping,
+    retention: Optional[Mapping] = None,
 ) -> Path:
-    """``report.md`` for ``offprincipal train``: run facts, training curve, held-out accuracy before/after, and the
-    parameter-level section (``summary.json`` and ``layers.jsonl`` too; ``metrics.jsonl`` is written live)."""
+    """``report.md`` for ``offprincipal train``: run facts, training curve, held-out accuracy before/after (with
+    95% intervals), retention (what the run forgot), and the parameter-level section (``summary.json`` and
+    ``layers.jsonl`` too; ``metrics.jsonl`` is written live)."""
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     save_parameter_metrics(records, out_dir)
-    write_json(out_dir / "summary.json", {"run": dict(facts), "accuracy": dict(accuracy), "parameter_metrics": dict(summary)})
+    write_json(out_dir / "summary.json", {"run": dict(facts), "accuracy": dict(accuracy),
+                                          "retention": None if retention is None else dict(retention),
+                                          "parameter_metrics": dict(summary)})
     parts = ["# Training run", _facts(facts), "## Training"]
     if plot_training_curve(log_records, plots / "training_curve.png"):
         parts.append(f"![training curve]({PLOTS}/training_curve.png)")
     if accuracy.get("before") is not None and accuracy.get("after") is not None:
         plot_accuracy(accuracy["before"], accuracy["after"], plots / "accuracy.png", eval_n)
-        parts.append(
-            f"Held-out accuracy (greedy, first {eval_n} test prompts): {100 * accuracy['before']:.1f}% → "
-            f"{100 * accuracy['after']:.1f}%\n\n![held-out accuracy]({PLOTS}/accuracy.png)"
-        )
+        parts.append(f"{_accuracy_text(accuracy, 'Held-out accuracy', eval_n)}\n\n"
+                     f"![held-out accuracy]({PLOTS}/accuracy.png)")
+    elif accuracy.get("after") is not None:
+        parts.append(_accuracy_text(accuracy, "Held-out accuracy after training", eval_n))
+    if retention is not None:
+        parts.append(_retention_text(retention))
     parts.append(parameter_section(records, summary, out_dir))
-    (out_dir / "report.md").write_text("\n\n".join(parts) + "\n")
+    write_text_atomic(out_dir / "report.md", "\n\n".join(parts) + "\n")
     return out_dir / "report.md"
+
+
+def _interval(accuracy: Mapping, key: str, sign: str = "") -> str:
+    low, high = accuracy.get(f"{key}_ci95_low"), accuracy.get(f"{key}_ci95_high")
+    text = f"{100 * accuracy[key]:{sign}.1f}%"
+    return text if low is None else f"{text} (95% CI {100 * low:{sign}.1f} to {100 * high:{sign}.1f})"
+
+
+def _accuracy_text(accuracy: Mapping, label: str, eval_n: int) -> str:
+    """One plain sentence: the accuracies with their intervals, and whether the gain clears its interval."""
+    if accuracy.get("before") is None:
+        return f"{label} (greedy, first {eval_n} test prompts): {_interval(accuracy, 'after')}."
+    text = (f"{label} (greedy, the same first {eval_n} test prompts before and after): "
+            f"{100 * accuracy['before']:.1f}% → {_interval(accuracy, 'after')}; gain {_interval(accuracy, 'gain', '+')} "
+            "(paired over the prompts).")
+    if accuracy.get("gain_ci95_low") is None:
+        return text
+    if accuracy["gain_ci95_low"] > 0:
+        verdict = "The gain clears its 95% interval: the run learned the task."
+    elif accuracy["gain_ci95_high"] < 0:
+        verdict = "The accuracy dropped beyond its 95% interval."
+    else:
+        verdict = ("The interval of the gain includes 0: this run does not show a change beyond noise (more steps, "
+                   "more held-out prompts or several seeds would be needed to tell).")
+    return f"{text} {verdict}"
+
+
+def _retention_text(retention: Mapping) -> str:
+    """The retention section: NLL drift of the base model's own answers, and the second task before/after."""
+    lines = [
+        "## Retention (what the run forgot)",
+        f"NLL of the base model's own greedy answers to {retention['prompts']} general prompts "
+        f"({retention['answer_tokens']} answer tokens): {retention['base_nll_nats_per_token']:.4f} → "
+        f"{retention['tuned_nll_nats_per_token']:.4f} nats/token, a drift of "
+        f"**{retention['nll_drift_nats_per_token']:+.4f}** (0: the base behaviour is kept exactly; larger: forgotten).",
+    ]
+    task = retention.get("task_accuracy")
+    if task is not None:
+        lines.append(_accuracy_text(task, f"Second task ({retention['task']}, not trained on)", task["after_n"]))
+    return "\n\n".join(lines)
