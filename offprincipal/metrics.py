@@ -231,8 +231,8 @@ def weight_pair_metrics(
 ) -> LayerRecord:
     """All diagnostics of one pair W0 → W1 (both (m, n)) from two SVDs in ``dtype``, O(m·n·min(m, n)).
 
-    fp64 (default) is exact for the tiny drifts of RL; fp32 is ~3× faster on CPU. Measured fp32-vs-fp64 noise
-    floor on SmolLM2 weights (k=64, σ_64/σ_65 ≈ 1.002–1.004): NSS ≈ 2e-7, max principal angle ≈ 0.002°."""
+    fp64 (default) resolves the tiny drifts and angles of RL; fp32 is faster, with a noise floor set by fp32
+    rounding and the spectral gap at k (figures: benchmarks/results/design_figures.md)."""
     _check_pair(w0, w1, f"weights of {name or 'the pair'}")
     if w0.ndim != 2 or not 1 <= k <= min(w0.shape):
         raise ValueError(f"{name or 'weight'}: need a 2-D weight and 1 ≤ k ≤ min(m, n); got shape {tuple(w0.shape)}, k={k}")
@@ -293,8 +293,8 @@ def compare_weights(
     dtype: torch.dtype = torch.float64,
 ) -> tuple[list[LayerRecord], dict]:
     """Per-layer :class:`LayerRecord` for every name of ``base`` (name → (m, n) weight) and the :func:`summarize`
-    summary. ``k`` is clipped to min(m, n) per layer; ``dtype`` is the SVD precision (see :func:`weight_pair_metrics`;
-    on SmolLM2's 210 linear weights fp64 takes a few minutes on 2 CPU cores)."""
+    summary. ``k`` is clipped to min(m, n) per layer; ``dtype`` is the SVD precision (see :func:`weight_pair_metrics`).
+    Cost: two SVDs per weight, O(m·n·min(m, n)) each."""
     names = _common_names(base, tuned, "tuned")
     records = [
         weight_pair_metrics(base[name], tuned[name], min(k, *base[name].shape), alpha, name, dtype)

@@ -190,8 +190,8 @@ class OffPrincipalLayer(BaseTunerLayer):
 
     @staticmethod
     def _project_factors(A, B, U, V) -> tuple[torch.Tensor, torch.Tensor]:
-        # Two passes (measured on a tiny Llama after 200 AdamW steps at lr 3e-2: worst leak 2.9e-7 with one
-        # pass, 5.2e-8 with two); the backward keeps nothing but U, V.
+        # Two passes: fp32 bases are orthonormal only to rounding, so one pass leaves a leak of that order and a
+        # second removes most of it (figures: benchmarks/results/design_figures.md); the backward keeps only U, V.
         if V is not None:
             A = project_repeated(A, None, V, "right", passes=2)
         if U is not None:
