@@ -7,14 +7,13 @@ these bases, always in fp32, whatever the weight's dtype.
 
 Two methods:
 
-- ``"exact"``: full fp32 SVD (``torch.linalg.svd``), the default. SmolLM2-class weights have tiny spectral
-  gaps (σ_k/σ_{k+1} ≈ 1.001–1.013), where approximate methods pick a visibly different top-k subspace.
+- ``"exact"``: full fp32 SVD (``torch.linalg.svd``), the default. Where the spectral gap σ_k/σ_{k+1} is close
+  to 1 (as in SmolLM2-class weights), approximate methods pick a visibly different top-k subspace.
 - ``"randomized"``: Halko–Martinsson–Tropp range finder with ``oversample`` extra columns and ``niter``
   QR-stabilised power iterations, seeded so it is deterministic. Its quality figure is the captured energy
-  ``‖U_kᵀ W V_k‖_F² / Σ_{i≤k} σ_i²`` (:func:`captured_energy`). Measured on SmolLM2-135M-Instruct (14 of its
-  210 linear weights, k = 32; min / mean): niter 2, oversample 32: 0.918 / 0.963; niter 8, oversample 32:
-  0.9955 / 0.9989; niter 8, oversample 64: 0.9992 / 0.9999; niter 16, oversample 64 (the defaults):
-  0.99999 / 1.0000.
+  ``‖U_kᵀ W V_k‖_F² / Σ_{i≤k} σ_i²`` (:func:`captured_energy`), 1.0 for the exact basis; it rises with ``niter``
+  and ``oversample``, which default to the settings measured closest to 1 on SmolLM2
+  (benchmarks/results/subspaces_smollm2_cpu.md, benchmarks/results/design_figures.md).
 
 Results are cached on disk (safetensors, one file per weight) under a key made of a fingerprint of the
 weight's bytes, k and the method with its settings (:class:`SubspaceCache`; keys are validated data, never
@@ -472,10 +471,9 @@ def compute_subspaces(
 
     ``cache_dir``: ``None`` uses :func:`default_cache_dir`, ``False`` disables the cache. Cache hits skip the
     SVD; misses are computed, stored, and timed. With ``batch_exact`` the exact SVDs of equal-shape weights run
-    as batched ``torch.linalg.svd`` calls of up to ``batch_size`` matrices. Off by default: on the shared 2-core
-    CPU it was sometimes faster (10 random 576×576: 5.5 s vs 14.3 s one by one) and sometimes far slower (21 of
-    SmolLM2's weights: 80 s and 12.9 s batched vs 34 s and 34 s one by one; all 210: 359 s batched vs 20.5 s
-    one by one in benchmarks/results/subspaces_smollm2_cpu.md). Bases are returned on each weight's device.
+    as batched ``torch.linalg.svd`` calls of up to ``batch_size`` matrices. Off by default: batching was measured
+    sometimes faster and sometimes far slower than one by one (benchmarks/results/design_figures.md). Bases are
+    returned on each weight's device.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
