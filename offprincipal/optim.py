@@ -518,8 +518,8 @@ class OffPrincipalAdamW(torch.optim.AdamW):
         master_weights: keep an fp32 copy (``state["master_param"]``) and fp32 moments for every bf16/fp16
             parameter; the step runs on the copy, which stays exactly off-principal, and the stored parameter is
             its rounding. Without it, the rounding of the bf16/fp16 parameter at each step leaks into the
-            principal subspace: on a 576×1536 bf16 weight after 200 steps at lr 1e-5 the stored ΔW leaks 0.23
-            (as much as a random direction: the rounding dominates), with master weights 0.054 (fp32 copy: 1e-5).
+            principal subspace; the rounding of the stored copy still does with it, the fp32 copy only at fp32
+            rounding (figures: benchmarks/results/design_figures.md).
         backend: ``"auto"`` (fused Triton step for CUDA params, torch elsewhere), ``"torch"`` or ``"triton"``.
         precision: fp32 product precision of the projection, ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``
             (see ``offprincipal._sides``).
