@@ -58,6 +58,21 @@ def store_tile(X, x, rows, cols, mask, s0, s1):
 
 
 @triton.jit
+def rectangle(M, N, RT, QT, BM: tl.constexpr, BN: tl.constexpr):
+    """Pass 1: (r, q, first row tile, end row tile, first column tile, end column tile) of this program."""
+    r, q = tl.program_id(0), tl.program_id(1)
+    i0, j0 = r * RT, q * QT
+    return r, q, i0, tl.minimum(i0 + RT, tl.cdiv(M, BM)), j0, tl.minimum(j0 + QT, tl.cdiv(N, BN))
+
+
+@triton.jit
+def span(t, size, B: tl.constexpr):
+    """Indices of tile ``t`` (B wide) along a dimension of ``size`` and their in-bounds mask."""
+    idx = t * B + tl.arange(0, B)
+    return idx, idx < size
+
+
+@triton.jit
 def tile_indices(M, N, BM: tl.constexpr, BN: tl.constexpr):
     """Rows and columns of this program's tile (grid = row tiles × column tiles) and their in-bounds masks."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)

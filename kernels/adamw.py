@@ -30,7 +30,10 @@ import triton.language as tl
 
 from offprincipal._sides import DEFAULT_PRECISION, AllReduce, check_sides
 
-from ._tiles import Bases, apply_tile, check_device, load_tile, on_device, reduce_tile, store_partial, store_tile, tile_indices
+from ._tiles import (
+    Bases, apply_tile, check_device, load_tile, on_device, rectangle, reduce_tile, span, store_partial, store_tile,
+    tile_indices,
+)
 
 Scalar = Union[float, torch.Tensor]
 
@@ -63,16 +66,12 @@ def _adamw_reduce_kernel(
     """Pass 1 over this program's rectangle of tiles: update and store the moments, reduce UᵀD and DV of the
     update (of A alone unless READ_W: the weight-decay part is then added on the host)."""
     step_size, bc2_sqrt, lr_wd = _load_scalars(HYPER, step_size, bc2_sqrt, lr_wd, HYPER_ON_DEVICE)
-    r, q = tl.program_id(0), tl.program_id(1)
-    i0, j0 = r * RT, q * QT
-    i1, j1 = tl.minimum(i0 + RT, tl.cdiv(M, BM)), tl.minimum(j0 + QT, tl.cdiv(N, BN))
+    r, q, i0, i1, j0, j1 = rectangle(M, N, RT, QT, BM, BN)
     for j in range(j0, j1):
-        cols = j * BN + tl.arange(0, BN)
-        col_mask = cols < N
+        cols, col_mask = span(j, N, BN)
         acc = tl.zeros((BK, BN), dtype=tl.float32)  # used when BK == KP (UᵀD kept in registers)
         for i in range(i0, i1):
-            rows = i * BM + tl.arange(0, BM)
-            row_mask = rows < M
+            rows, row_mask = span(i, M, BM)
             mask = row_mask[:, None] & col_mask[None, :]
             g = load_tile(G, rows, cols, mask, sg0, sg1) * grad_sign
             m = load_tile(EXP_AVG, rows, cols, mask, sm0, sm1)

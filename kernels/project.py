@@ -15,7 +15,10 @@ import triton.language as tl
 
 from offprincipal._sides import DEFAULT_PRECISION, AllReduce, check_sides
 
-from ._tiles import Bases, apply_tile, check_device, load_tile, on_device, reduce_tile, store_partial, store_tile, tile_indices
+from ._tiles import (
+    Bases, apply_tile, check_device, load_tile, on_device, rectangle, reduce_tile, span, store_partial, store_tile,
+    tile_indices,
+)
 
 
 @triton.jit
@@ -25,16 +28,12 @@ def _project_reduce_kernel(
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """Pass 1 over this program's rectangle of tiles of D (M, N): partials of UᵀD into CP, of DV into DVP."""
-    r, q = tl.program_id(0), tl.program_id(1)
-    i0, j0 = r * RT, q * QT
-    i1, j1 = tl.minimum(i0 + RT, tl.cdiv(M, BM)), tl.minimum(j0 + QT, tl.cdiv(N, BN))
+    r, q, i0, i1, j0, j1 = rectangle(M, N, RT, QT, BM, BN)
     for j in range(j0, j1):
-        cols = j * BN + tl.arange(0, BN)
-        col_mask = cols < N
+        cols, col_mask = span(j, N, BN)
         acc = tl.zeros((BK, BN), dtype=tl.float32)  # used when BK == KP (UᵀD kept in registers)
         for i in range(i0, i1):
-            rows = i * BM + tl.arange(0, BM)
-            row_mask = rows < M
+            rows, row_mask = span(i, M, BM)
             d = load_tile(D, rows, cols, row_mask[:, None] & col_mask[None, :], s0, s1)
             acc = reduce_tile(d, acc, rows, cols, row_mask, col_mask, U, V, CP, DVP, M, N, K, r, q, i - i0, j - j0,
                               LEFT, RIGHT, KP, BK, PRECISION)
