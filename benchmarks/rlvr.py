@@ -63,7 +63,7 @@ class Suite:
     rank: int = 16
     top_k: int = 32
     metrics_k: int = 32
-    bf16: bool = True
+    bf16: Optional[bool] = True  # None: the precision `offprincipal train` picks for the hardware
     device: str = "cpu"
     seeds: int = 3  # of the multi-seed methods (MULTI_SEED)
     single_seeds: int = 1  # of the others (the top-k ablation: always seed 0 only)
@@ -72,10 +72,14 @@ class Suite:
     # arms at a fixed rate besides their family's chosen one (as many seeds as the multi-seed methods): LoRA and
     # PiSSA at OffPrincipal's rate, so that the comparison does not hinge on the sweep's choice for LoRA
     fixed_lr: tuple = (("lora", 2e-4), ("pissa", 2e-4))
+    # the multi-seed methods, in the order each seed runs them (a suite cut short has the first ones done)
+    methods: tuple = MULTI_SEED
+    first: tuple = ()  # arms run (all their seeds) before every other arm
+    retention: bool = False  # forgetting measured in every run (the committed 16-step suite predates it)
 
     def settings(self) -> dict:
         keys = ("model", "task", "steps", "num_generations", "prompts_per_step", "max_completion_length",
-                "temperature", "eval_n", "rank", "top_k", "metrics_k", "bf16", "device")
+                "temperature", "eval_n", "rank", "top_k", "metrics_k", "bf16", "device", "retention")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -140,12 +144,12 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     from offprincipal.cli import DEFAULT_LR
 
     specs = sweep_specs(suite)
-    for method in (*MULTI_SEED, *SINGLE_SEED):
+    for method in (*suite.methods, *SINGLE_SEED):
         family = method if method in suite.sweep else LR_FAMILY[method]  # its own sweep, if it has one
         if family in suite.sweep and family not in chosen:
             continue  # waits for its family's sweep
         lr = chosen[family]["lr"] if family in chosen else DEFAULT_LR[CLI_METHOD.get(family, family)]
-        seeds = range(suite.seeds if method in MULTI_SEED else suite.single_seeds)
+        seeds = range(suite.seeds if method in suite.methods else suite.single_seeds)
         specs += [RunSpec(method, seed, lr, suite.top_k, method) for seed in seeds]
         if method == "offprincipal":
             specs += [RunSpec(method, 0, lr, k, f"offprincipal k={k}") for k in suite.ablation_top_k]
@@ -155,8 +159,9 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     unique = {}
     for spec in specs:
         unique.setdefault(spec.run_id, spec)
-    # seed-major: a suite cut short (or extended with more seeds) has every arm at about the same number of seeds
-    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.seed))
+    # seed-major: a suite cut short (or extended with more seeds) has every arm at about the same number of seeds;
+    # within a seed, the order of Suite.methods (then the fixed-rate arms, then the rest); Suite.first arms go first
+    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.arm not in suite.first, spec.seed))
 
 
 def role(spec: RunSpec, chosen: dict[str, dict]) -> str:
@@ -188,28 +193,42 @@ def train_command(suite: Suite, spec: RunSpec, output: Path) -> list[str]:
         "--lr", spec.lr, "--rank", s.rank, "--top-k", spec.top_k, "--metrics-k", s.metrics_k,
         "--num-generations", s.num_generations, "--prompts-per-step", s.prompts_per_step,
         "--max-completion-length", s.max_completion_length, "--temperature", s.temperature, "--eval-n", s.eval_n,
-        "--no-eval-before", "--bf16" if s.bf16 else "--no-bf16", "--device", s.device, "--seed", spec.seed,
-        "--output", output,
+        "--no-eval-before", *_precision_flag(s), "--device", s.device, "--seed", spec.seed,
+        "--retention" if s.retention else "--no-retention", "--output", output,
     ]
     return [str(a) for a in args]
 
 
-def base_accuracy(suite: Suite, paths: Paths, threads: int) -> float:
-    """The base model's held-out accuracy (measured once per suite, kept in base_accuracy.json)."""
-    if paths.base.exists():
-        return json.loads(paths.base.read_text())["accuracy"]
+def _precision_flag(suite: Suite) -> list[str]:
+    return [] if suite.bf16 is None else ["--bf16" if suite.bf16 else "--no-bf16"]
+
+
+def _evaluate_base(suite: Suite, task: str, eval_n: int, threads: int) -> dict:
     s = suite
-    command = [_executable(), "evaluate", s.model, "--task", s.task, "--eval-n", s.eval_n,
-               "--max-completion-length", s.max_completion_length, "--bf16" if s.bf16 else "--no-bf16",
-               "--device", s.device, "--json"]
-    print("base model: held-out accuracy ...", flush=True)
+    command = [_executable(), "evaluate", s.model, "--task", task, "--eval-n", eval_n,
+               "--max-completion-length", s.max_completion_length, *_precision_flag(s), "--device", s.device, "--json"]
+    print(f"base model: held-out accuracy on {task} ...", flush=True)
     out = subprocess.run([str(a) for a in command], env=_env(threads), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"rlvr: base evaluation failed:\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    _write_json(paths.base, result)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def base_accuracy(suite: Suite, paths: Paths, threads: int) -> dict:
+    """The base model's held-out accuracy, and with retention its accuracy on the retention task (measured once per
+    suite, kept in base_accuracy.json; the runs skip their own before-evaluation)."""
+    result = json.loads(paths.base.read_text()) if paths.base.exists() else {}
+    if "accuracy" not in result:
+        result = _evaluate_base(suite, suite.task, suite.eval_n, threads)
+        _write_json(paths.base, result)
+    if suite.retention and "retention_task" not in result:
+        from offprincipal.cli import RETENTION_N
+        from offprincipal.retention import RETENTION_TASK
+
+        result["retention_task"] = _evaluate_base(suite, RETENTION_TASK, RETENTION_N, threads)
+        _write_json(paths.base, result)
     print(f"base model: {100 * result['accuracy']:.1f}% held-out", flush=True)
-    return result["accuracy"]
+    return result
 
 
 def _mean(values) -> Optional[float]:
@@ -225,7 +244,7 @@ def _commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "offprincipal", "kernels") else "")
 
 
-def make_record(suite: Suite, spec: RunSpec, folder: Path, accuracy_before: float, workers: int, device: str) -> dict:
+def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: int, device: str) -> dict:
     """The JSON record of a finished run folder of ``offprincipal train``."""
     summary = json.loads((folder / "summary.json").read_text())
     run, metrics = summary["run"], summary["parameter_metrics"]
@@ -237,7 +256,12 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, accuracy_before: floa
         "suite": suite.name, "run_id": spec.run_id, "method": spec.method, "arm": spec.arm, "role": "main",
         "seed": spec.seed, "steps": suite.steps, "lr": spec.lr, "rank": suite.rank if spec.method in ADAPTERS else None,
         "top_k": spec.top_k, "metrics_k": suite.metrics_k,
-        "accuracy_before": accuracy_before, "accuracy_after": summary["accuracy"]["after"], "eval_n": suite.eval_n,
+        "accuracy_before": base["accuracy"], "accuracy_after": summary["accuracy"]["after"], "eval_n": suite.eval_n,
+        "accuracy_after_ci95_low": summary["accuracy"].get("after_ci95_low"),
+        "accuracy_after_ci95_high": summary["accuracy"].get("after_ci95_high"),
+        **_retention_fields(summary.get("retention"), base),
+        "precision": run.get("precision", "bf16" if run.get("bf16") == "True" else "fp32"),
+        "precision_reason": run.get("precision reason"),
         "reward_first": run.get("reward_first_fifth"), "reward_last": run.get("reward_last_fifth"),
         "reward_curve": rewards, "loss_curve": [r.get("loss") for r in logs],
         "step_time_s": _mean([r["step_time"] for r in logs[1:]] or [r["step_time"] for r in logs]),
@@ -252,6 +276,22 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, accuracy_before: floa
         "layer_max_angle": [_mean([r["max_angle_left"], r["max_angle_right"]]) for r in layers],
         "device": device, "commit": _commit(), "workers": workers, "settings": suite.settings(),
         "load_average": run.get("load average at start / end"),
+    }
+
+
+def _retention_fields(retention: Optional[dict], base: dict) -> dict:
+    """The record's forgetting figures: NLL drift of the base model's own answers, and the retention task's accuracy
+    after training next to the base model's (measured once per suite)."""
+    if retention is None:
+        return {}
+    task = retention.get("task_accuracy") or {}
+    before = (base.get("retention_task") or {}).get("accuracy")
+    return {
+        "retention_nll_drift": retention["nll_drift_nats_per_token"],
+        "retention_base_nll": retention["base_nll_nats_per_token"], "retention_prompts": retention["prompts"],
+        "retention_task": retention.get("task"), "retention_task_n": task.get("after_n"),
+        "retention_task_before": before, "retention_task_after": task.get("after"),
+        "retention_task_delta": None if before is None or task.get("after") is None else task["after"] - before,
     }
 
 
@@ -277,8 +317,8 @@ def _device(suite: Suite, workers: int, threads: int) -> str:
     return f"{machine}; {workers} concurrent run(s), {threads} torch thread(s) each"
 
 
-def _finish(suite, paths, spec, folder, accuracy_before, workers, device, keep_weights) -> None:
-    record = make_record(suite, spec, folder, accuracy_before, workers, device)
+def _finish(suite, paths, spec, folder, base, workers, device, keep_weights) -> None:
+    record = make_record(suite, spec, folder, base, workers, device)
     chosen = select_lr(suite, {**paths.done(), spec.run_id: record})
     record["role"] = role(spec, chosen)
     _write_json(paths.record(spec.run_id), record)
@@ -320,7 +360,7 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
         raise SystemExit(f"rlvr: another `run` of suite {suite.name} is in progress ({paths.runs / '.lock'} is locked)")
     for leftover in paths.runs.glob(".*.tmp-*"):  # temporary folders of runs that were interrupted
         shutil.rmtree(leftover, ignore_errors=True)
-    accuracy_before = base_accuracy(suite, paths, threads * workers)
+    base = base_accuracy(suite, paths, threads * workers)
     device = _device(suite, workers, threads)
     running: dict[str, tuple[RunSpec, subprocess.Popen, float]] = {}
     failed: list[str] = []
@@ -333,7 +373,7 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
             spec = todo.pop(0)
             folder = paths.runs / spec.run_id
             if (folder / "summary.json").exists():  # finished before an interruption, record not yet written
-                _finish(suite, paths, spec, folder, accuracy_before, workers, device, keep_weights)
+                _finish(suite, paths, spec, folder, base, workers, device, keep_weights)
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             with open(paths.runs / f"{spec.run_id}.log", "w") as log:  # the child keeps its own descriptor
@@ -353,7 +393,7 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
                 print(f"FAIL   {run_id}  exit {proc.returncode} after {minutes:.1f} min; log: "
                       f"{paths.runs / f'{run_id}.log'}", flush=True)
                 continue
-            _finish(suite, paths, spec, paths.runs / run_id, accuracy_before, workers, device, keep_weights)
+            _finish(suite, paths, spec, paths.runs / run_id, base, workers, device, keep_weights)
             acc = paths.done()[run_id]["accuracy_after"]
             print(f"done   {run_id}  {minutes:.1f} min  held-out {100 * acc:.1f}%", flush=True)
     return len(failed)
@@ -365,18 +405,24 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
 def _suite_from(args) -> Suite:
     defaults = Suite()
     overrides = {key: getattr(args, key) for key in defaults.settings() if getattr(args, key, None) is not None}
+    if args.auto_precision:
+        overrides["bf16"] = None
     if args.suite:
         overrides["name"] = args.suite
-    if args.seeds:
+    if args.seeds is not None:
         overrides["seeds"] = args.seeds
-    if args.single_seeds:
+    if args.methods:
+        overrides["methods"] = tuple(args.methods)
+    if args.single_seeds is not None:
         overrides["single_seeds"] = args.single_seeds
-    if args.sweep:
+    if args.first:
+        overrides["first"] = tuple(args.first)
+    if args.sweep is not None:
         overrides["sweep"] = {m: tuple(float(x) for x in lrs.split(",")) for m, lrs in
                               (item.split("=") for item in args.sweep)}
     if args.fixed_lr is not None:
         overrides["fixed_lr"] = tuple((m, float(lr)) for m, lr in (item.split("=") for item in args.fixed_lr))
-    if args.ablation_top_k:
+    if args.ablation_top_k is not None:
         overrides["ablation_top_k"] = tuple(args.ablation_top_k)
     return Suite(**overrides)
 
@@ -395,15 +441,26 @@ def build_parser() -> argparse.ArgumentParser:
     for key, value in Suite().settings().items():
         if key == "bf16":
             g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+            g.add_argument("--auto-precision", dest="auto_precision", action="store_true",
+                           help="let each run pick bf16 or fp32 for the hardware (records say which and why)")
+        elif key == "retention":
+            g.add_argument("--retention", action=argparse.BooleanOptionalAction, default=None,
+                           help="measure forgetting in every run (NLL drift, the capitals task)")
         else:
             g.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+    g.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"the multi-seed methods, in the order each seed runs them (default: {' '.join(MULTI_SEED)})")
     g.add_argument("--seeds", type=int, default=None, help="seeds of the multi-seed methods (default: 3)")
     g.add_argument("--single-seeds", type=int, default=None, help="seeds of the other methods (default: 1)")
-    g.add_argument("--sweep", nargs="+", default=None, metavar="METHOD=LR,LR",
-                   help="learning-rate sweep (default: lora=2e-4,1e-3 offprincipal=2e-4,1e-3 full=2e-5,1e-4)")
+    g.add_argument("--sweep", nargs="*", default=None, metavar="METHOD=LR,LR",
+                   help="learning-rate sweep (default: lora=2e-4,1e-3 offprincipal=2e-4,1e-3 full=2e-5,1e-4; none: pass "
+                        "the flag alone, and every method runs at the CLI's default rate)")
+    g.add_argument("--first", nargs="+", default=None, metavar="ARM",
+                   help="arms that run all their seeds before the others (e.g. offprincipal lora full)")
     g.add_argument("--fixed-lr", nargs="*", default=None, metavar="METHOD=LR",
                    help="extra arms at a fixed rate (default: lora=2e-4 pissa=2e-4; none: pass the flag alone)")
-    g.add_argument("--ablation-top-k", type=int, nargs="+", default=None, help="OffPrincipal top-k ablation (8 128)")
+    g.add_argument("--ablation-top-k", type=int, nargs="*", default=None,
+                   help="OffPrincipal top-k ablation (default: 8 128; none: pass the flag alone)")
     return p
 
 

@@ -31,9 +31,10 @@ METRICS = {
     "reward_last": "reward (last fifth)", "step_time_s": "step time (s)", "peak_mem_mb": "peak memory (MB)",
     "trainable_params": "trainable params", "nss_mean": "NSS", "max_angle_mean": "max angle (°)",
     "bf16_sparsity": "bf16 sparsity", "overlap_principal": "overlap principal", "overlap_lowmag": "overlap low-mag",
-    "leak": "principal leak",
+    "leak": "principal leak", "retention_nll_drift": "NLL drift (nats/token)",
+    "retention_task_delta": "Δ retention task",
 }
-PERCENT = {"accuracy_after", "accuracy_delta"}
+PERCENT = {"accuracy_after", "accuracy_delta", "retention_task_delta"}
 LAYER_ARMS = ["full", "full-offprincipal", "offprincipal", "lora", "pissa", "sft"]
 REQUIRED = ("run_id", "arm", "role", "method")
 _K_ARM = re.compile(r"offprincipal k=(\d+)$")
@@ -249,6 +250,95 @@ def _reading(summary) -> str:
     return "## Reading\n\n" + intro + "\n\n" + ("\n".join(lines) or "No comparable pair of arms.")
 
 
+# --- gain against forgetting -----------------------------------------------------------------------------------------
+
+# (arm, other arm): does the first forget less than the second at the same gain?
+FORGETTING_PAIRS = [("offprincipal", "lora"), ("offprincipal", "lora lr=0.001"), ("offprincipal", "full"),
+                    ("full-offprincipal", "full")]
+
+
+def _has_retention(records) -> bool:
+    return any(r.get("retention_nll_drift") is not None for r in records)
+
+
+def _forgetting_table(summary) -> str:
+    rows = [[e["arm"], str(e["n"]), _pm(e["metrics"]["accuracy_delta"], "accuracy_delta"),
+             _pm(e["metrics"]["retention_nll_drift"], "retention_nll_drift"),
+             _pm(e["metrics"]["retention_task_delta"], "retention_task_delta")]
+            for e in summary if e["metrics"]["retention_nll_drift"]["n"]]
+    return _table(["arm", "seeds", "gain: Δ held-out accuracy (pp)", "forgetting: NLL drift (nats/token)",
+                   "forgetting: Δ retention task (pp)"], rows)
+
+
+def _forgetting_verdict(summary, a: str, b: str) -> str | None:
+    """One plain sentence on arm ``a`` against ``b``: gains compared, then forgetting at (about) equal gain."""
+    try:
+        gain = compare(summary, a, b, "accuracy_delta")
+        drift = compare(summary, a, b, "retention_nll_drift")
+    except KeyError:
+        return None
+    task = None
+    try:
+        task = compare(summary, a, b, "retention_task_delta")
+    except KeyError:
+        pass
+    text = (f"- **{a} vs {b}** (n={gain['n_a']}/{gain['n_b']}): gain {_value(gain['diff'], 'accuracy_delta', '+')}"
+            f"{'' if gain['se'] is None else ' ± ' + _value(gain['se'], 'accuracy_delta')} pp ({gain['verdict']}); "
+            f"NLL drift {_num(drift['mean_a'])} vs {_num(drift['mean_b'])}, difference {_num(drift['diff'], '+')}"
+            f"{'' if drift['se'] is None else ' ± ' + _num(drift['se'])} ({drift['verdict']})")
+    if task is not None:
+        text += (f"; retention task {_value(task['diff'], 'retention_task_delta', '+')}"
+                 f"{'' if task['se'] is None else ' ± ' + _value(task['se'], 'retention_task_delta')} pp "
+                 f"({task['verdict']})")
+    if gain["verdict"] == "beyond 1 SE":
+        return text + ". The gains differ, so the drifts are not compared at equal gain."
+    if drift["verdict"] != "beyond 1 SE":
+        return text + (f". At equal gain (within noise), {a} and {b} forget about the same: the drift difference "
+                       "is not resolved at this number of seeds.")
+    less = drift["diff"] < 0
+    return text + (f". At equal gain (within noise), **{a} forgets {'less' if less else 'more'} than {b}** "
+                   "(NLL drift beyond 1 SE).")
+
+
+def _forgetting_section(records, summary, plots: Path) -> str | None:
+    """Per arm, gain against forgetting; the scatter of every run; a plain reading of the pairs."""
+    if not _has_retention(records):
+        return None
+    parts = ["## Gain against forgetting",
+             "Gain: held-out accuracy after training minus the base model's. Forgetting: the NLL drift of the base "
+             "model's own greedy answers to 64 general prompts (tuned minus base, nats per answer token; 0 = the "
+             "base behaviour kept exactly), and the change of accuracy on a second task the runs do not train on. "
+             "Mean ± SE over seeds.", _forgetting_table(summary)]
+    scatter = _plot_gain_forgetting(records, plots / "gain_vs_forgetting.png")
+    if scatter is not None:
+        parts.append(f"![gain against forgetting]({PLOTS}/{scatter.name})")
+    lines = [line for a, b in FORGETTING_PAIRS if (line := _forgetting_verdict(summary, a, b))]
+    parts += ["### Reading", "\n".join(lines) or "No pair of arms with retention figures yet."]
+    return "\n\n".join(parts)
+
+
+def _plot_gain_forgetting(records, path: Path) -> Path | None:
+    """One point per main run: NLL drift (x) against the gain in held-out accuracy (y), coloured by arm."""
+    points = [(r["arm"], r["retention_nll_drift"], _metric(r, "accuracy_delta")) for r in records
+              if r.get("role") == "main" and r.get("retention_nll_drift") is not None
+              and _metric(r, "accuracy_delta") is not None]
+    if not points:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm in sorted({p[0] for p in points}, key=_arm_key):
+        xs, ys = zip(*[(x, 100 * y) for a, x, y in points if a == arm])
+        ax.scatter(xs, ys, label=arm, s=40, alpha=0.8)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.axvline(0, color="gray", linewidth=0.8)
+    ax.set(title="gain against forgetting (one point per run)", xlabel="NLL drift of the base answers (nats/token)",
+           ylabel="Δ held-out accuracy (pp)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 # --- plots ----------------------------------------------------------------------------------------------------------
 
 
@@ -354,7 +444,8 @@ def write_report(folder) -> Path:
     if not records:
         raise ValueError(f"no records in {folder / 'records'}")
     summary = summarize_arms(records)
-    parts = [_header(folder, records), "## Results", _main_table(summary), _sweep_table(records), "## Plots",
+    parts = [_header(folder, records), "## Results", _main_table(summary),
+             _forgetting_section(records, summary, folder / PLOTS), _sweep_table(records), "## Plots",
              *_write_plots(records, summary, folder / PLOTS), _reading(summary)]
     notes = folder / "notes.md"
     if notes.is_file():

@@ -49,6 +49,7 @@ SPARSE_METHODS = {"sparse-principal": "principal", "sparse-safe": "safe", "spars
 DEFAULT_LR = {method: 2e-4 for method in ("offprincipal", *LORA_VARIANTS)}
 DEFAULT_LR.update({method: 2e-5 for method in METHODS if method not in DEFAULT_LR})
 EMBEDDED = "embedded"
+RETENTION_N = 100  # held-out prompts of the retention task
 
 
 class CLIError(Exception):
@@ -221,14 +222,88 @@ def _autocast(args):
     return torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
 
-def _held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
-    """Greedy accuracy on the first ``--eval-n`` held-out prompts, with the training completion budget (None if 0)."""
-    from .tasks import evaluate_accuracy
+def _held_out_correct(model, tokenizer, task, args, n: Optional[int] = None) -> Optional[list[bool]]:
+    """Per-prompt greedy correctness on the first ``n`` (default ``--eval-n``) held-out prompts, with the training
+    completion budget (None when that is 0)."""
+    from .tasks import held_out_correct
 
-    if not args.eval_n:
+    n = args.eval_n if n is None else n
+    if not n:
         return None
     with _autocast(args):
-        return evaluate_accuracy(model, tokenizer, task, n=args.eval_n, max_new_tokens=args.max_completion_length)
+        return held_out_correct(model, tokenizer, task, n=n, max_new_tokens=args.max_completion_length)
+
+
+def _held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
+    """Greedy accuracy on the first ``--eval-n`` held-out prompts (None if 0)."""
+    correct = _held_out_correct(model, tokenizer, task, args)
+    return None if correct is None else sum(correct) / len(correct)
+
+
+def _accuracy_record(before: Optional[list[bool]], after: Optional[list[bool]]) -> dict:
+    """before/after accuracy, the after figure's Wilson interval, and the paired gain with its interval."""
+    from .stats import paired_gain, wilson_interval
+
+    record = {"before": None if before is None else sum(before) / len(before),
+              "after": None if after is None else sum(after) / len(after)}
+    if after is not None:
+        record.update(wilson_interval(sum(after), len(after)).as_record("after"))
+    if before is not None and after is not None:
+        record.update(paired_gain(before, after).as_record("gain"))
+    return record
+
+
+class _Retention:
+    """What a run forgets (issue-level definitions in :mod:`offprincipal.retention`): the NLL drift of the base
+    model's own greedy answers to general prompts, and greedy accuracy on a second task it does not train on.
+    ``measure_base`` runs on the untouched model before training, ``measure_tuned`` after."""
+
+    def __init__(self, args, tokenizer):
+        from .retention import RETENTION_TASK
+        from .tasks import get_task
+
+        self.args, self.tokenizer = args, tokenizer
+        self.task_name = RETENTION_TASK if args.task != RETENTION_TASK else None
+        self.task = get_task(self.task_name) if self.task_name else None
+        self.answers = self.base_nll = self.before = None
+
+    def measure_base(self, model) -> None:
+        from .retention import answer_nll, base_answers
+
+        print("retention: the base model's answers to the general prompts (cached) and their NLL ...", file=sys.stderr)
+        with _autocast(self.args):
+            self.answers = base_answers(model, self.tokenizer)
+            self.base_nll = answer_nll(model, self.tokenizer, self.answers)
+        if self.task is not None and self.args.eval_before:
+            self.before = _held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
+
+    def measure_tuned(self, model) -> dict:
+        from .retention import nll_drift
+
+        with _autocast(self.args):
+            drift = nll_drift(model, self.answers, self.tokenizer, base_nll=self.base_nll)
+        record = {"nll_drift_nats_per_token": drift.drift_nll, "tuned_nll_nats_per_token": drift.tuned_nll,
+                  "base_nll_nats_per_token": drift.base_nll, "prompts": drift.n_prompts,
+                  "answer_tokens": drift.n_tokens, "task": self.task_name}
+        if self.task is not None:
+            after = _held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
+            record["task_accuracy"] = _accuracy_record(self.before, after)
+        print(f"retention: NLL drift {drift.drift_nll:+.4f} nats/token"
+              + (f"; {self.task_name} accuracy {_pct(record['task_accuracy']['before'])} → "
+                 f"{_pct(record['task_accuracy']['after'])}" if self.task is not None else ""), file=sys.stderr)
+        return record
+
+
+def _task(name: str):
+    """The task ``--task`` names (a built-in one or a JSONL file); bad names and bad files become CLIErrors."""
+    from .tasks import get_task
+
+    try:
+        return get_task(name)
+    except KeyError as exc:
+        raise CLIError(f"--task {name}: {exc.args[0]}") from exc
+    except (OSError, ValueError) as exc:  # JsonlTaskError is a ValueError naming the file and every bad line
+        raise CLIError(f"--task {name}: {' '.join(str(exc).split()) if isinstance(exc, OSError) else exc}") from exc
 
 
 def _peft_config(args):
@@ -420,7 +495,6 @@ def _train_into(args, folder: Path, start: float) -> Path:
 
     from .metrics import compare_weights, linear_weights
     from .report import write_train_report
-    from .tasks import get_task
 
     load_start = _load_average()
     set_seed(args.seed)
@@ -428,17 +502,20 @@ def _train_into(args, folder: Path, start: float) -> Path:
     _check_top_k(model, args.top_k)
     _check_top_k(model, args.metrics_k, "--metrics-k")
     args.base_record = {"base_model": _base_spec(args.model), "base_fingerprint": _base_fingerprint(model)}
-    task = get_task(args.task)
+    task = _task(args.task)
     base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
 
     def evaluate(m):
         return _held_out_accuracy(m, tokenizer, task, args)
 
-    accuracy = {"before": None}
+    before = None
     if args.eval_before:
         print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
-        accuracy["before"] = evaluate(model)
-        print(f"held-out accuracy before: {_pct(accuracy['before'])}", file=sys.stderr)
+        before = _held_out_correct(model, tokenizer, task, args)
+        print(f"held-out accuracy before: {_pct(_accuracy_record(before, None)['before'])}", file=sys.stderr)
+    retention = _Retention(args, tokenizer) if args.retention else None
+    if retention is not None:
+        retention.measure_base(model)
     callbacks = _callbacks(args, folder / "metrics.jsonl", evaluate)
     trainer = _make_trainer(args, model, tokenizer, task, folder / "trainer", callbacks)
     train_start = time.perf_counter()
@@ -454,12 +531,13 @@ def _train_into(args, folder: Path, start: float) -> Path:
     else:
         trainer.save_model(str(folder / ("adapter" if is_adapter else "model")))
         tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
-    accuracy["after"] = evaluate(tuned)
+    accuracy = _accuracy_record(before, _held_out_correct(tuned, tokenizer, task, args))
     print(f"held-out accuracy after: {_pct(accuracy['after'])}", file=sys.stderr)
+    retained = retention.measure_tuned(tuned) if retention is not None else None
     records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.metrics_k)
     progress = callbacks[-1].records
     facts = {**_run_facts(args, progress, train_seconds, start, load_start), **memory}
-    return write_train_report(folder, facts, progress, accuracy, args.eval_n, records, summary)
+    return write_train_report(folder, facts, progress, accuracy, args.eval_n, records, summary, retained)
 
 
 def cmd_train(args) -> None:
@@ -468,7 +546,8 @@ def cmd_train(args) -> None:
     _resolve_precision(args)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     args.metrics_k = args.metrics_k or args.top_k
-    target = Path(args.output) if args.output else _default_output(f"{args.method}-{args.task}")
+    _task(args.task)  # a bad --task fails before any output folder exists
+    target = Path(args.output) if args.output else _default_output(f"{args.method}-{Path(args.task).stem}")
     with _atomic_dir(target) as tmp:
         report = _train_into(args, tmp, start)
     print(f"run folder: {target} (report: {target / report.name}; wall time {time.perf_counter() - start:.0f} s)")
@@ -560,7 +639,6 @@ def cmd_analyze(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .report import to_json
-    from .tasks import get_task
 
     args.device = _resolve_device(args.device)
     _resolve_precision(args)
@@ -568,13 +646,22 @@ def cmd_evaluate(args) -> None:
                         else _load_tuned(args.base, _tuned_checkpoint(args.model), option="--base"))
     model.to(args.device)
     start = time.perf_counter()
-    accuracy = _held_out_accuracy(model, tokenizer, get_task(args.task), args)
+    correct = _held_out_correct(model, tokenizer, _task(args.task), args)
+    accuracy = _accuracy_record(None, correct)
     seconds = time.perf_counter() - start
-    print(f"held-out accuracy (greedy, first {args.eval_n} {args.task} test prompts): {_pct(accuracy)} in {seconds:.0f} s")
+    print(f"held-out accuracy (greedy, first {args.eval_n} {args.task} test prompts): "
+          f"{_interval_text(accuracy)} in {seconds:.0f} s")
     if args.json:
-        print(to_json({"accuracy": accuracy, "eval_n": args.eval_n, "task": args.task, "model": _describe_model(args.model),
-                       "max_completion_length": args.max_completion_length, "bf16": args.bf16, "precision": args.precision.name,
-                       "precision_reason": args.precision.reason, "seconds": seconds}))
+        print(to_json({"accuracy": accuracy["after"], "accuracy_ci95_low": accuracy["after_ci95_low"],
+                       "accuracy_ci95_high": accuracy["after_ci95_high"], "eval_n": len(correct), "task": args.task,
+                       "model": _describe_model(args.model), "max_completion_length": args.max_completion_length,
+                       "bf16": args.bf16, "precision": args.precision.name, "precision_reason": args.precision.reason,
+                       "seconds": seconds}))
+
+
+def _interval_text(accuracy: dict, key: str = "after") -> str:
+    return (f"{100 * accuracy[key]:.1f}% (95% CI {100 * accuracy[f'{key}_ci95_low']:.1f}–"
+            f"{100 * accuracy[f'{key}_ci95_high']:.1f}%)")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -641,7 +728,9 @@ def _add_train(sub) -> None:
                    help="; ".join(f"{k}: {v}" for k, v in METHODS.items()).replace("%", "%%") + " (default: offprincipal)")
     from .tasks import TASKS
 
-    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")
+    p.add_argument("--task", default="arithmetic", metavar="TASK",
+                   help=f"verifiable-reward task: {', '.join(sorted(TASKS))}, or a JSONL file of your own with one "
+                        '{"prompt": ..., "answer": ...} per line (see the README) (default: arithmetic)')
     p.add_argument("--model", default=None,
                    help=f"model folder, .gguf file or hub id (default: '{EMBEDDED}', SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=_positive_int, default=32, help="optimizer steps (default: 32)")
@@ -667,6 +756,11 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate held-out accuracy before training (default: on; a benchmark measures the base "
                         "model once and passes --no-eval-before)")
+    p.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure forgetting: the NLL drift of the base model's own answers to 64 general prompts, and "
+                        "greedy accuracy on the capitals task before/after (default: on)")
+    p.add_argument("--retention-n", type=_positive_int, default=RETENTION_N,
+                   help=f"held-out prompts of the second (retention) task (default: {RETENTION_N})")
     p.add_argument("--eval-every", type=_non_negative_int, default=0,
                    help="also evaluate held-out accuracy every N steps (default: 0, only before and after)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -709,7 +803,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--base", default=None,
                    help=f"base model of an adapter (default: the base a run folder records, else '{EMBEDDED}'); "
                         "checked against the base the run was trained on")
-    p.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="verifiable-reward task")
+    p.add_argument("--task", default="arithmetic", metavar="TASK",
+                   help=f"verifiable-reward task: {', '.join(sorted(TASKS))}, or a JSONL file of your own with one "
+                        '{"prompt": ..., "answer": ...} per line (see the README) (default: arithmetic)')
     p.add_argument("--eval-n", type=_positive_int, default=200, help="held-out prompts (default: 200)")
     p.add_argument("--max-completion-length", type=_positive_int, default=48, help="token budget (default: 48)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,

@@ -1,7 +1,8 @@
 """Writing files and folders without ever leaving them half-written, and without touching what is not ours.
 
-- :func:`atomic_write_text` / :func:`atomic_write_json`: write to a temporary file in the same folder, then
-  ``os.replace`` it into place (readers see the old file or the new one, never a part).
+- :func:`write_text_atomic` / :func:`write_json`: write to a temporary file in the same folder, then
+  ``os.replace`` it into place (readers see the old file or the new one, never a part); :func:`to_json` is the
+  strict JSON of every record the project writes (NaN/inf → null).
 - :func:`atomic_dir`: build a folder under a hidden temporary name next to the target and rename it into place
   only when complete. The temporary folder holds an owner file (:data:`OWNER_FILE`: host and process id), so a
   later call can tell a folder left by a killed process (SIGKILL, power loss) from one still being written, and
@@ -11,22 +12,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 OWNER_FILE = ".offprincipal-owner.json"
 TMP_INFIX = ".tmp-"
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``): readers
+    see the old file or the new one, never a part. Creates the parent folder; returns ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
@@ -35,11 +39,27 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
-def atomic_write_json(path: PathLike, obj) -> None:
-    """``obj`` as indented, strict JSON (no NaN/inf), written atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+def to_json(data, indent: Optional[int] = None) -> str:
+    """Strict JSON text of ``data``: NaN and ±inf floats (anywhere in nested dicts/lists) become null."""
+    return json.dumps(_finite_or_none(data), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path: PathLike, data, indent: Optional[int] = 2) -> Path:
+    """``data`` as strict JSON (:func:`to_json`), written atomically."""
+    return write_text_atomic(path, to_json(data, indent=indent) + "\n")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .models import cache_root
-from .report import write_text_atomic
+from .files import write_text_atomic
 from .tasks import JsonlTaskError, generate_token_ids, raise_bad_lines, read_jsonl
 
 logger = logging.getLogger(__name__)

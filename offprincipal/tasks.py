@@ -11,12 +11,9 @@ Arithmetic (``get_task("arithmetic")``): ``a op b`` with op cycling through ``+`
 (``-``, thousands separators and decimals understood); a completion without one scores 0. An optional format
 reward pays 1 when the completion is just that number.
 
-Calibration (default task, greedy, ``max_new_tokens=48``, fp32, batches of 25, SmolLM2-135M-Instruct loaded by
-``offprincipal.models.load_model()``), measured on a shared 2-core CPU: held-out accuracy **19.5 %** (39 of the
-200 test prompts; + 20.9 %, − 10.4 %, × 27.3 %), format reward 0 %, 323 s for the 200 prompts. The model
-mostly answers verbosely ("To compute 59 + 63, we add the numbers 59 and 63, which results in 122.") and is
-often wrong; easier-looking variants (1-digit + 2-digit) scored no better in probes, so difficulty depends on
-the phrasing as much as on digit counts. Re-measure after changing the template or the digits.
+The default digits are calibrated so that SmolLM2-135M-Instruct, greedy, is right on a minority of the held-out
+prompts (room to learn, a reward signal from the start); the calibration is in
+benchmarks/results/design_figures.md. Re-measure after changing the template or the digits.
 
 Capital cities (``get_task("capitals")``), the built-in retention task (a run trains on another task and reports
 this one before and after): "What is the capital of {country}? Answer with just the city name." for the
@@ -555,12 +552,21 @@ def generate_completions(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def evaluate_accuracy(
+def held_out_correct(
     model, tokenizer, task, n: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 48, split: str = "test"
-) -> float:
-    """Greedy accuracy (:func:`correctness_reward` mean) on the first ``n`` (default all) rows of ``split``."""
+) -> list[bool]:
+    """Greedy correctness (:func:`correctness_reward` == 1) of each of the first ``n`` (default all) rows of
+    ``split``, in row order (what paired before/after comparisons need)."""
     rows = task.rows(split)[:n]
     if not rows:
         raise ValueError(f"evaluate_accuracy: no rows to evaluate (split={split!r}, n={n})")
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size, max_new_tokens)
-    return sum(correctness_reward(completions, [r["answer"] for r in rows])) / len(rows)
+    return [reward == 1.0 for reward in correctness_reward(completions, [r["answer"] for r in rows])]
+
+
+def evaluate_accuracy(
+    model, tokenizer, task, n: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 48, split: str = "test"
+) -> float:
+    """Greedy accuracy: the mean of :func:`held_out_correct`."""
+    correct = held_out_correct(model, tokenizer, task, n, batch_size, max_new_tokens, split)
+    return sum(correct) / len(correct)

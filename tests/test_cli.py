@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def tiny_dir(tmp_path_factory):
 def tiny_args(model_dir, output, method="offprincipal", steps=2, **overrides):
     options = {
         "--method": method, "--model": model_dir, "--task": "digits", "--steps": steps, "--num-generations": 4,
-        "--max-completion-length": 6, "--eval-n": 4, "--top-k": TOP_K, "--rank": 4, "--device": "cpu",
+        "--max-completion-length": 6, "--eval-n": 4, "--retention-n": 3, "--top-k": TOP_K, "--rank": 4, "--device": "cpu",
         "--lr": 1e-2 if method in ("offprincipal", "lora") else 1e-3, "--eval-every": 2, "--output": output, **overrides,
     }
     return ["train", "--no-bf16"] + [str(x) for kv in options.items() for x in kv if kv[1] is not None]
@@ -92,17 +93,30 @@ def strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
-def assert_complete_run(folder: Path, weights: str, steps: int = 2, reward: bool = True, layers: int = 14):
+def assert_complete_run(folder: Path, weights: str, steps: int = 2, reward: bool = True, layers: int = 14,
+                        eval_n: int = 4, retention_n: Optional[int] = 3):
     """The run folder has everything train promises, and no scratch or temporary folder is left."""
     records = [strict_json(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(("reward" in r) == reward and "loss" in r and "step_time" in r for r in records)
     assert ["eval/accuracy" in r for r in records] == [step % 2 == 0 for step in range(1, steps + 1)]  # --eval-every 2
     summary = strict_json((folder / "summary.json").read_text())
-    assert set(summary) == {"run", "accuracy", "parameter_metrics"}
-    assert all(0.0 <= summary["accuracy"][when] <= 1.0 for when in ("before", "after"))
+    assert set(summary) == {"run", "accuracy", "retention", "parameter_metrics"}
+    accuracy = summary["accuracy"]
+    assert all(0.0 <= accuracy[when] <= 1.0 for when in ("before", "after"))
+    assert accuracy["after_ci95_low"] <= accuracy["after"] <= accuracy["after_ci95_high"] and accuracy["after_n"] == eval_n
+    assert accuracy["gain"] == pytest.approx(accuracy["after"] - accuracy["before"])
     assert len((folder / "layers.jsonl").read_text().splitlines()) == layers == summary["parameter_metrics"]["layers"]
     report = (folder / "report.md").read_text()
+    retention = summary["retention"]
+    if retention_n is None:  # --no-retention
+        assert retention is None and "Retention" not in report
+    else:
+        assert retention["prompts"] >= 64 and retention["answer_tokens"] > 0 and retention["task"] == "capitals"
+        assert retention["nll_drift_nats_per_token"] == pytest.approx(
+            retention["tuned_nll_nats_per_token"] - retention["base_nll_nats_per_token"])
+        assert retention["task_accuracy"]["after_n"] == retention_n and retention["task_accuracy"]["before"] is not None
+        assert "## Retention" in report
     assert {p.name for p in (folder / "plots").iterdir()} == PNGS
     for png in PNGS:
         assert f"plots/{png}" in report
@@ -329,7 +343,27 @@ def test_train_smoke_on_embedded_model(smollm2_dir, tmp_path):
     """One GRPO step of the default method on SmolLM2-135M-Instruct, with a complete run folder."""
     out = tmp_path / "run"
     argv = ["train", "--steps", "1", "--num-generations", "2", "--max-completion-length", "8", "--eval-n", "2",
-            "--device", "cpu", "--output", str(out)]
+            "--no-retention", "--device", "cpu", "--output", str(out)]  # retention on SmolLM2: test_retention.py
     assert main(argv) == 0
-    records, _ = assert_complete_run(out, "adapter", steps=1, layers=210)
+    records, _ = assert_complete_run(out, "adapter", steps=1, layers=210, eval_n=2, retention_n=None)
     assert records[0]["offprincipal/leak_max"] <= 1e-5
+
+
+def test_train_on_a_jsonl_task_of_ones_own(tiny_dir, tmp_path, capsys):
+    """`--task file.jsonl`: a user's task trains and evaluates end to end; a malformed file is refused before any
+    output folder exists, with the file, the line and what is wrong."""
+    task = tmp_path / "mine.jsonl"
+    task.write_text("\n".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": 2 * i}) for i in range(40)))
+    out = tmp_path / "run"
+    args = [a for a in tiny_args(tiny_dir, out, steps=1, **{"--task": task, "--eval-every": None})]
+    assert main(args) == 0
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["run"]["task"] == str(task) and summary["accuracy"]["after_n"] == 4
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a?", "answer": 1}\n{"prompt": "b?"}\nnot json\n')
+    capsys.readouterr()
+    assert main(tiny_args(tiny_dir, tmp_path / "run-bad", **{"--task": bad})) == 2
+    err = capsys.readouterr().err
+    assert f"--task {bad}" in err and f"{bad}:2" in err and f"{bad}:3" in err
+    assert not (tmp_path / "run-bad").exists()

@@ -154,3 +154,31 @@ def test_write_report_without_records(tmp_path):
     (tmp_path / "records").mkdir()
     with pytest.raises(ValueError, match="no records"):
         rlvr_report.write_report(tmp_path)
+
+
+def test_gain_against_forgetting_section(tmp_path):
+    """With retention fields, the report has the per-arm gain/forgetting table, the scatter plot, and a plain
+    reading that says which arm forgets less at equal gain (here offprincipal: equal gains, lower drift)."""
+    drifts = {"offprincipal": [0.010, 0.012, 0.011], "lora": [0.030, 0.034, 0.029], "full": [0.050, 0.070, 0.060]}
+    records = []
+    for arm, accuracies in (("offprincipal", [0.40, 0.41, 0.39]), ("lora", [0.40, 0.39, 0.41]),
+                            ("full", [0.45, 0.46, 0.47])):
+        records += [make_record(arm, s, a, retention_nll_drift=drifts[arm][s], retention_task_delta=-0.01 * s,
+                                lr=1e-5 if arm == "full" else 3e-4) for s, a in enumerate(accuracies)]
+    folder = tmp_path / "suite"
+    (folder / "records").mkdir(parents=True)
+    for r in records:
+        (folder / "records" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    report = rlvr_report.write_report(folder).read_text()
+    assert "## Gain against forgetting" in report and "plots/gain_vs_forgetting.png" in report
+    assert (folder / "plots" / "gain_vs_forgetting.png").read_bytes()[:8] == PNG_MAGIC
+    assert "**offprincipal forgets less than lora**" in report
+    assert "offprincipal vs full" in report and "The gains differ" in report.split("offprincipal vs full")[1]
+
+
+def test_no_forgetting_section_without_retention(tmp_path):
+    folder = tmp_path / "suite"
+    (folder / "records").mkdir(parents=True)
+    for r in make_records():
+        (folder / "records" / f"{r['run_id']}.json").write_text(json.dumps(r))
+    assert "Gain against forgetting" not in rlvr_report.write_report(folder).read_text()
