@@ -6,7 +6,8 @@
 #
 # Steps, each writing under OUTDIR (a failing step is recorded in OUTDIR/summary.txt; the script goes on):
 #   0. env.txt: GPU, driver, Python and package versions.
-#   1. installs what the image lacks: Python packages from wheels in ./.whl when that folder exists (no network),
+#   1. installs what the image lacks: Python packages from wheels in ./.whl when that folder exists (no network;
+#      fill it beforehand on a networked machine, e.g. `pip download --no-deps -d .whl aenum pytest pluggy iniconfig`),
 #      and this checkout (kernels/ becomes offprincipal.kernels) into OUTDIR/site unless it is importable already.
 #   2. tests_kernels.txt: the kernel tests (fp32, both sides: every k class vs the fp64/torch references, determinism,
 #      weight decay from the invariants, device-tensor scalars).
@@ -76,7 +77,11 @@ if [[ -n "$MISSING" ]]; then
 fi
 export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import offprincipal.kernels" >/dev/null 2>&1; then
-  step install_offprincipal 180 "$PY" -m pip install -q --no-deps --no-build-isolation --target "$OUT/site" "$ROOT"
+  # the installed layout, without pip or setuptools: offprincipal/ with kernels/ inside it
+  mkdir -p "$OUT/site" && rm -rf "$OUT/site/offprincipal" && cp -r "$ROOT/offprincipal" "$OUT/site/" \
+    && rm -rf "$OUT/site/offprincipal/kernels" && cp -r "$ROOT/kernels" "$OUT/site/offprincipal/kernels"
+  "$PY" -c "import offprincipal.kernels" > "$OUT/install_offprincipal.log" 2>&1
+  echo "install_offprincipal: rc=$?" | tee -a "$SUMMARY" >&2
 fi
 
 # --- 2. kernel tests (in the dry run one test: CI runs the whole file under the interpreter anyway)
