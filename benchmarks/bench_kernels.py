@@ -158,7 +158,8 @@ ROOFLINE_HEADER = [
 ]
 LAUNCHES = [
     "## Launches: one per matrix and pass, not grouped", "",
-    "A Llama block has 4 shape classes (4096², 11008×4096, 4096×11008; q/k/v/o share one). Grouping the matrices "
+    "A Llama-7B block has 3 shape classes (4096² for q, k, v, o; 11008×4096; 4096×11008), 4 with grouped-query "
+    "attention's narrower k, v. Grouping the matrices "
     "of a class into one launch per pass would save launch latency, not bytes. Per matrix the fused step issues "
     "2 kernels plus ~5 small torch ops (partial sums, C′ = C − (CV)Vᵀ, weight-decay terms), ≈ 7 launches × ~4 µs "
     "of CPU time ≈ 0.2 ms per block against a predicted 2.3 ms of memory traffic (k = 64, H100); the GPU-side gaps "
