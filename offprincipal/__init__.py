@@ -1,7 +1,8 @@
 """OffPrincipal: keep RLVR fine-tuning updates off the principal singular directions of pretrained weights.
 
-The root namespace is the library: the PEFT adapter, the optimizers, the Trainer callbacks, the projection, the
-subspace API and the paper's metrics (:mod:`offprincipal.metrics`; live ones in :mod:`offprincipal.diagnostics`).
+The root namespace is the library: the PEFT adapter, the optimizers and their options, the Trainer callbacks, the
+projection, the subspace API and the paper's metrics (:mod:`offprincipal.metrics`; live ones in
+:mod:`offprincipal.diagnostics`).
 Importing it registers the PEFT method (PEFT requires that) and nothing else: no ``torch.optim`` hook (the adapter
 registers its own when its first layer is created). Experiment helpers live in their modules:
 :mod:`offprincipal.models` (``load_model``, ``ensure_default_model``), :mod:`offprincipal.tasks` (``get_task``,
@@ -9,7 +10,8 @@ registers its own when its first layer is created). Experiment helpers live in t
 """
 
 from . import metrics
-from .optim import DEFAULT_EXCLUDE, OffPrincipalAdamW, OffPrincipalOptimizer
+from .optim import OffPrincipalAdamW, OffPrincipalOptimizer
+from .options import DEFAULT_EXCLUDE, ProjectionOptions
 from .projection import principal_leak, project, project_, project_list
 from .subspace import Subspace, captured_energy, certify_subspace, compute_subspaces, resolve_top_k, top_k_subspace
 from .trainer import (
@@ -31,6 +33,7 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "OffPrincipalAdamW",
     "OffPrincipalOptimizer",
+    "ProjectionOptions",
     # Trainer glue
     "OffPrincipalCallback",
     "OffPrincipalDiagnosticsCallback",

@@ -55,8 +55,9 @@ from .distributed import (
     is_distributed,
     local_device,
 )
-from ._sides import DEFAULT_PRECISION, check_precision
-from .projection import check_backend, check_sides, project_, resolve_backend, row_shard
+from ._sides import DEFAULT_PRECISION
+from .options import DEFAULT_EXCLUDE, ProjectionOptions  # noqa: F401  (DEFAULT_EXCLUDE: re-exported)
+from .projection import project_, resolve_backend, row_shard
 from .subspace import (
     DEFAULT_NITER,
     DEFAULT_OVERSAMPLE,
@@ -64,17 +65,11 @@ from .subspace import (
     Subspace,
     SubspaceCache,
     SubspaceMismatch,
-    TopK,
     certify_subspace,
     compute_subspaces,
     fingerprint,
     resolve_top_k,
 )
-
-DEFAULT_EXCLUDE: tuple[str, ...] = ("embed", "lm_head", "wte", "wpe")
-"""Regexes searched in parameter names; matches step as plain AdamW. Covers ``embed_tokens``, ``embed_positions``,
-``word_embeddings``, ``embed_in/out``, GPT-2's ``wte``/``wpe`` and ``lm_head`` (tied heads appear once, under
-the embedding's name)."""
 
 TRAINED_TOPK_TOL = 2.0
 """``topk_tol`` of :func:`~offprincipal.subspace.certify_subspace` for bases checked against weights that may have
@@ -211,17 +206,21 @@ class PrincipalBases:
     certified against the live weight with :func:`~offprincipal.subspace.certify_subspace` before it is used
     (bases given by the user, bases named by a saved state). With several ranks the certification runs on rank
     0, where the real weights are, and its verdict is broadcast.
+
+    ``options`` (validated when it was built, so before any collective) chooses the weights (``exclude``), their k
+    (``top_k``, ``top_k_pattern``), how bases are computed (``svd_method``, ``cache_dir``, ``progress``) and the
+    ``sides`` certified; ``explicit``: the bases came from the user (``subspaces=``), so none are computed.
     """
 
-    def __init__(self, owner: str, entries: dict[str, _Basis], cache_dir, progress: bool, *, sides: str = "both",
-                 params: Optional[Mapping[str, torch.Tensor]] = None, options: Optional[dict] = None):
+    def __init__(self, owner: str, entries: dict[str, _Basis], options: ProjectionOptions, *,
+                 params: Optional[Mapping[str, torch.Tensor]] = None, explicit: bool = False):
+        if not isinstance(options, ProjectionOptions):
+            raise TypeError(f"{owner}: PrincipalBases takes a ProjectionOptions, got {type(options).__name__}")
         self.owner = owner
         self.entries = entries
-        self.cache_dir = cache_dir
-        self.progress = progress
-        self.sides = sides
+        self.options = options
+        self.explicit = explicit
         self.params: dict[str, torch.Tensor] = dict(params or {})
-        self.options = dict(options or {})
         self._local: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -234,19 +233,10 @@ class PrincipalBases:
         cls,
         owner: str,
         named: Mapping[str, torch.Tensor],
-        *,
-        top_k: TopK,
-        top_k_pattern: Optional[Mapping[str, TopK]],
-        exclude: Sequence[str],
-        subspaces: Optional[BasesInput],
-        svd_method: str,
-        cache_dir,
-        progress: bool,
-        sides: str = "both",
+        options: ProjectionOptions,
+        subspaces: Optional[BasesInput] = None,
     ) -> "PrincipalBases":
-        options = dict(top_k=top_k, top_k_pattern=top_k_pattern, exclude=tuple(exclude), svd_method=svd_method,
-                       explicit=subspaces is not None)
-        bases = cls(owner, {}, cache_dir, progress, sides=sides, params=named, options=options)
+        bases = cls(owner, {}, options, params=named, explicit=subspaces is not None)
         for name, p in named.items():
             check_not_flattened(owner, name, p)
         bases.entries = bases._given(named, subspaces) if subspaces is not None else bases._computed(named)
@@ -255,10 +245,11 @@ class PrincipalBases:
     def _computed(self, named: Mapping[str, torch.Tensor]) -> dict[str, _Basis]:
         """Fresh bases (or certified cache entries) of the eligible weights among ``named``."""
         o = self.options
-        tag = SubspaceCache.tag(o["svd_method"], DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
-        chosen = {name: p for name, p in named.items() if self.eligible(name, p, o["exclude"])}
-        ks = {name: resolve_top_k(o["top_k"], tuple(p.shape), name, o["top_k_pattern"]) for name, p in chosen.items()}
-        method, cache_dir = o["svd_method"], self.cache_dir
+        tag = SubspaceCache.tag(o.svd_method, DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
+        chosen = {name: p for name, p in named.items() if self.eligible(name, p, o.exclude)}
+        pattern = dict(o.top_k_pattern)
+        ks = {name: resolve_top_k(o.top_k, tuple(p.shape), name, pattern) for name, p in chosen.items()}
+        method, cache_dir = o.svd_method, o.cache_dir
         if is_distributed():
             fps: dict[str, str] = {}
 
@@ -272,14 +263,13 @@ class PrincipalBases:
 
             uv = broadcast_bases(
                 {name: (tuple(p.shape), ks[name]) for name, p in chosen.items()}, compute,
-                lambda name: local_device(chosen[name]), progress=self.progress,
+                lambda name: local_device(chosen[name]), progress=o.progress,
             )
             fps = broadcast_object(fps)
         else:
             weights = {name: full_weight(p) for name, p in chosen.items()}
             subs = compute_subspaces(
-                weights, o["top_k"], top_k_pattern=o["top_k_pattern"], method=method, cache_dir=cache_dir,
-                progress=self.progress,
+                weights, o.top_k, top_k_pattern=pattern, method=method, cache_dir=cache_dir, progress=o.progress,
             )
             uv = {name: (s.U, s.V) for name, s in subs.items()}
             fps = {name: fingerprint(w) for name, w in weights.items()}
@@ -294,7 +284,7 @@ class PrincipalBases:
         unknown = sorted(set(subspaces) - set(named))
         if unknown:
             raise ValueError(f"{owner}: subspaces were given for {unknown}, which are not among the optimizer's parameters")
-        tag = SubspaceCache.tag(self.options["svd_method"], DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
+        tag = SubspaceCache.tag(self.options.svd_method, DEFAULT_OVERSAMPLE, DEFAULT_NITER, DEFAULT_SEED)
         entries = {}
         for name, sub in subspaces.items():
             U, V = (sub.U, sub.V) if isinstance(sub, Subspace) else sub
@@ -316,7 +306,7 @@ class PrincipalBases:
                 return None
             sub = subspaces[name]
             try:
-                certify_subspace(W, sub if isinstance(sub, Subspace) else (sub[0], sub[1]), sides=self.sides,
+                certify_subspace(W, sub if isinstance(sub, Subspace) else (sub[0], sub[1]), sides=self.options.sides,
                                  topk_tol=TRAINED_TOPK_TOL, name=name)
             except SubspaceMismatch as exc:
                 return str(exc)
@@ -338,8 +328,8 @@ class PrincipalBases:
         check_unique_names(self.owner, list(self.params) + list(named))
         for name, p in named.items():
             check_not_flattened(self.owner, name, p)
-        if self.options.get("explicit"):
-            needing = sorted(n for n, p in named.items() if self.eligible(n, p, self.options["exclude"]))
+        if self.explicit:
+            needing = sorted(n for n, p in named.items() if self.eligible(n, p, self.options.exclude))
             if needing:
                 raise ValueError(
                     f"{self.owner}: it was built with explicit subspaces=, so it cannot choose bases for the added "
@@ -430,7 +420,7 @@ class PrincipalBases:
         }
         if not stale:
             return
-        cache = SubspaceCache.for_dir(self.cache_dir)
+        cache = SubspaceCache.for_dir(self.options.cache_dir)
         found: dict[str, Subspace] = {}
 
         def fetch(name):
@@ -442,7 +432,7 @@ class PrincipalBases:
             if hit is None:
                 return "missing"
             try:
-                certify_subspace(W, hit, sides=self.sides, topk_tol=TRAINED_TOPK_TOL, name=name)
+                certify_subspace(W, hit, sides=self.options.sides, topk_tol=TRAINED_TOPK_TOL, name=name)
             except SubspaceMismatch as exc:
                 return str(exc)
             found[name] = hit
@@ -491,26 +481,36 @@ def check_unique_names(owner: str, names: Sequence[str]) -> None:
         )
 
 
-def _bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress, sides) -> dict:
-    return dict(top_k=top_k, top_k_pattern=top_k_pattern, exclude=tuple(exclude), subspaces=subspaces,
-                svd_method=svd_method, cache_dir=cache_dir, progress=progress, sides=sides)
+class _ProjectionOptionsView:
+    """Read-only shortcuts to the fields of ``self.options`` (a :class:`ProjectionOptions`) the step uses."""
+
+    options: ProjectionOptions
+
+    sides = property(lambda self: self.options.sides, doc="Which factors the projection keeps (``options.sides``).")
+    backend = property(lambda self: self.options.backend, doc="``options.backend``.")
+    precision = property(lambda self: self.options.precision, doc="``options.precision``.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # OffPrincipalAdamW
 
 
-class OffPrincipalAdamW(torch.optim.AdamW):
+class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
     r"""AdamW whose whole update of each projected 2-D weight stays off the weight's top-k singular subspace.
 
     Constructed like ``torch.optim.AdamW`` but from *named* parameters — ``model.named_parameters()``, or param
     groups whose ``"params"`` are ``(name, tensor)`` pairs — because bases are found again by name.
 
     Args (beyond AdamW's ``lr, betas, eps, weight_decay, maximize, foreach, fused``; ``amsgrad`` is refused):
-        top_k, top_k_pattern: k per weight (int, or float fraction of min(m, n); regex overrides), see
-            :func:`offprincipal.subspace.resolve_top_k`.
-        sides: ``"both"`` (default), ``"left"`` or ``"right"`` — in the parameter's stored (out, in) layout.
-        exclude: regexes of parameter names that step as plain AdamW (default :data:`DEFAULT_EXCLUDE`).
+        options: a :class:`~offprincipal.options.ProjectionOptions` (default: its defaults): ``top_k``,
+            ``top_k_pattern`` (k per weight, see :func:`offprincipal.subspace.resolve_top_k`), ``sides`` (in the
+            parameter's stored (out, in) layout), ``exclude`` (regexes of parameter names that step as plain
+            AdamW, default :data:`DEFAULT_EXCLUDE`), ``svd_method``, ``cache_dir``, ``backend`` (``"auto"``: fused
+            Triton step for CUDA params, torch elsewhere), ``precision`` (fp32 product precision of the
+            projection, see ``offprincipal._sides``) and ``progress``.
+        **projection_kwargs: the same fields as keywords (``top_k=8, sides="left"``); with ``options`` they
+            replace its fields. An unknown keyword raises ``TypeError``; every value is validated before any
+            parameter is touched (with several ranks, on every rank, before any collective).
         subspaces: precomputed bases ``{name: Subspace or (U, V)}``; exactly these weights are projected. They
             are certified against the parameters' current values (a ``(U, V)`` pair gets S = diag(Uᵀ W V));
             bases that are not a top-k singular basis of the weight are refused. Otherwise bases are computed from the parameters' current values (the pretrained weights) with the
@@ -520,9 +520,6 @@ class OffPrincipalAdamW(torch.optim.AdamW):
             its rounding. Without it, the rounding of the bf16/fp16 parameter at each step leaks into the
             principal subspace; the rounding of the stored copy still does with it, the fp32 copy only at fp32
             rounding (figures: benchmarks/results/design_figures.md).
-        backend: ``"auto"`` (fused Triton step for CUDA params, torch elsewhere), ``"torch"`` or ``"triton"``.
-        precision: fp32 product precision of the projection, ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``
-            (see ``offprincipal._sides``).
 
     Projected params cost two fused passes per step on CUDA (≈36 bytes/param without weight decay, 40 with,
     against fused AdamW's 28). Under FSDP2 (DTensor ``Shard(0)``) the step is shard-local plus one all-reduce of
@@ -546,32 +543,21 @@ class OffPrincipalAdamW(torch.optim.AdamW):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
-        top_k: TopK = 32,
-        top_k_pattern: Optional[Mapping[str, TopK]] = None,
-        sides: str = "both",
-        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        options: Optional[ProjectionOptions] = None,
         subspaces: Optional[BasesInput] = None,
-        svd_method: str = "exact",
-        cache_dir=None,
         master_weights: bool = False,
-        backend: str = "auto",
-        precision: str = DEFAULT_PRECISION,
-        progress: bool = True,
+        **projection_kwargs,
     ):
+        options = ProjectionOptions.resolve("OffPrincipalAdamW", options, projection_kwargs)
         if amsgrad:
             raise ValueError("OffPrincipalAdamW does not implement amsgrad; use amsgrad=False")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                          foreach=foreach, fused=fused)
         named = _named_params(self.param_groups, "OffPrincipalAdamW")
-        self.sides = check_sides(sides)
-        self.backend = check_backend(backend)
-        self.precision = check_precision(precision)
+        self.options = options
         self._wd_cache: dict = {}
         self.master_weights = master_weights
-        self.bases = PrincipalBases.build(
-            "OffPrincipalAdamW", named,
-            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress, self.sides),
-        )
+        self.bases = PrincipalBases.build("OffPrincipalAdamW", named, options, subspaces)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         """torch AdamW's lazy state (same keys, dtypes and devices), plus the fp32 master copy when enabled."""
@@ -816,7 +802,7 @@ def _delegated(attr: str) -> property:
     return property(lambda self: getattr(self.optimizer, attr), lambda self, value: setattr(self.optimizer, attr, value))
 
 
-class OffPrincipalOptimizer(torch.optim.Optimizer):
+class OffPrincipalOptimizer(_ProjectionOptionsView, torch.optim.Optimizer):
     """Makes the update of any torch optimizer exact off-principal: after the base step,
     ``W ← W_before − P(W_before − W_after)`` for every projected weight.
 
@@ -835,6 +821,9 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
     ``param_names`` (when it was built from named parameters); each name once. ``add_param_group`` takes named
     parameters and gives them bases. A projected weight whose update Δ has a non-finite entry is restored to
     its value before the step, with a ``RuntimeWarning`` (the base optimizer's own state has already stepped).
+
+    ``options`` / ``**projection_kwargs`` and ``subspaces``: as in :class:`OffPrincipalAdamW` (validated before the
+    base optimizer is touched).
     """
 
     def __init__(
@@ -842,29 +831,18 @@ class OffPrincipalOptimizer(torch.optim.Optimizer):
         base_optimizer: torch.optim.Optimizer,
         named_parameters: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
         *,
-        top_k: TopK = 32,
-        top_k_pattern: Optional[Mapping[str, TopK]] = None,
-        sides: str = "both",
-        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+        options: Optional[ProjectionOptions] = None,
         subspaces: Optional[BasesInput] = None,
-        svd_method: str = "exact",
-        cache_dir=None,
-        backend: str = "auto",
-        precision: str = DEFAULT_PRECISION,
-        progress: bool = True,
+        **projection_kwargs,
     ):
+        options = ProjectionOptions.resolve("OffPrincipalOptimizer", options, projection_kwargs)
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"OffPrincipalOptimizer wraps a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         self.optimizer = base_optimizer
-        self.sides = check_sides(sides)
-        self.backend = check_backend(backend)
-        self.precision = check_precision(precision)
+        self.options = options
         self._positions = self._names_by_position(base_optimizer, named_parameters)
         named = {name: base_optimizer.param_groups[g]["params"][i] for (g, i), name in self._positions.items()}
-        self.bases = PrincipalBases.build(
-            "OffPrincipalOptimizer", named,
-            **_bases_kwargs(top_k, top_k_pattern, exclude, subspaces, svd_method, cache_dir, progress, self.sides),
-        )
+        self.bases = PrincipalBases.build("OffPrincipalOptimizer", named, options, subspaces)
         self._before: dict[tuple[int, int], torch.Tensor] = {}
         self._handles = [
             base_optimizer.register_step_pre_hook(self._snapshot),

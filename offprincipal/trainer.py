@@ -30,14 +30,17 @@ use the mixin, or put the callback first with ``trainer.callback_handler.callbac
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from transformers import TrainerCallback
 
 from .diagnostics import PREFIX, AdapterDiagnostics, PrincipalBlocks
-from .optim import DEFAULT_EXCLUDE, OffPrincipalAdamW, OffPrincipalOptimizer
+from .optim import OffPrincipalAdamW, OffPrincipalOptimizer
+from .options import ProjectionOptions
+from .subspace import TopK
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,29 +103,25 @@ def _saved_optimizer_metadata(args, state) -> Optional[dict]:
 class OffPrincipalCallback(PeriodicLogsCallback):
     """Turns full-parameter training in any Trainer into off-principal training (see the module doc).
 
-    Args: ``top_k``, ``top_k_pattern``, ``sides``, ``exclude``, ``svd_method``, ``cache_dir``, ``master_weights``
-    and ``backend`` as in :class:`~offprincipal.optim.OffPrincipalAdamW`; ``log_every``: diagnostics period in
-    optimizer steps (0 = off).
+    Args: ``options`` (a :class:`~offprincipal.options.ProjectionOptions`) and/or its fields as keywords
+    (``top_k`` may also come first, positionally), merged and validated at construction as in
+    :class:`~offprincipal.optim.OffPrincipalAdamW`; ``master_weights`` as there; ``log_every``: diagnostics period
+    in optimizer steps (0 = off). ``self.options`` holds the resolved :class:`ProjectionOptions`.
     """
 
     def __init__(
         self,
-        top_k=32,
+        top_k: Optional[TopK] = None,
         *,
-        top_k_pattern=None,
-        sides: str = "both",
-        exclude: Sequence[str] = DEFAULT_EXCLUDE,
-        svd_method: str = "exact",
-        cache_dir=None,
+        options: Optional[ProjectionOptions] = None,
         master_weights: bool = False,
-        backend: str = "auto",
         log_every: int = 10,
+        **projection_kwargs,
     ):
+        if top_k is not None:
+            projection_kwargs["top_k"] = top_k
+        self.options = ProjectionOptions.resolve("OffPrincipalCallback", options, projection_kwargs)
         super().__init__(log_every)
-        self.options = dict(
-            top_k=top_k, top_k_pattern=top_k_pattern, sides=sides, exclude=exclude, svd_method=svd_method,
-            cache_dir=cache_dir, backend=backend,
-        )
         self.master_weights = master_weights
         self.optimizer = None
         self._blocks: Optional[PrincipalBlocks] = None
@@ -156,13 +155,13 @@ class OffPrincipalCallback(PeriodicLogsCallback):
                  "params": [(names[id(p)], p) for p in g["params"]]}
                 for g in inner.param_groups
             ]
-            new = OffPrincipalAdamW(groups, master_weights=self.master_weights, **self.options)
+            new = OffPrincipalAdamW(groups, master_weights=self.master_weights, options=self.options)
             state = inner.state_dict()
             if saved_meta is not None:
                 state["offprincipal"] = saved_meta
             new.load_state_dict(state)
             return new
-        new = OffPrincipalOptimizer(inner, model.named_parameters(), **self.options)
+        new = OffPrincipalOptimizer(inner, model.named_parameters(), options=self.options)
         if saved_meta is not None:
             new.bases.reconcile(saved_meta["bases"])
         return new
@@ -177,12 +176,13 @@ class OffPrincipalTrainerMixin:
     """``create_optimizer`` builds :class:`~offprincipal.optim.OffPrincipalAdamW` directly (works under FSDP,
     where the Trainer refuses pre-built optimizers and a callback cannot swap a prepared one).
 
-    Set ``offprincipal_options`` (a dict of OffPrincipalAdamW keyword arguments) on the class or instance.
-    The Trainer's ``weight_decay`` grouping (no decay for biases and norms), ``learning_rate``, ``adam_beta1/2``
-    and ``adam_epsilon`` are kept.
+    Set ``offprincipal_options`` on the class or instance: a :class:`~offprincipal.options.ProjectionOptions`, or
+    a dict of OffPrincipalAdamW keyword arguments (projection fields such as ``top_k``, an ``options`` entry,
+    ``master_weights``, ``subspaces``). The Trainer's ``weight_decay`` grouping (no decay for biases and norms),
+    ``learning_rate``, ``adam_beta1/2`` and ``adam_epsilon`` are kept.
     """
 
-    offprincipal_options: Mapping[str, Any] = {}
+    offprincipal_options: Union[ProjectionOptions, Mapping[str, Any]] = {}
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -200,12 +200,38 @@ class OffPrincipalTrainerMixin:
             lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
-            **dict(self.offprincipal_options),
+            **_adamw_keywords(type(self).__name__, self.offprincipal_options),
         )
         return self.optimizer
 
 
+_ADAMW_KEYWORDS = frozenset(
+    name for name, p in inspect.signature(OffPrincipalAdamW.__init__).parameters.items()
+    if name not in ("self", "params") and p.kind is not inspect.Parameter.VAR_KEYWORD
+)
+
+
+def _adamw_keywords(owner: str, given: Union[ProjectionOptions, Mapping[str, Any]]) -> dict[str, Any]:
+    """``given`` (see :class:`OffPrincipalTrainerMixin`) as OffPrincipalAdamW keywords with the projection fields
+    merged into one validated ``options`` entry; an unknown keyword raises ``TypeError`` naming it."""
+    if isinstance(given, ProjectionOptions):
+        return {"options": given}
+    if not isinstance(given, Mapping):
+        raise TypeError(f"{owner}.offprincipal_options must be a ProjectionOptions or a dict, got "
+                        f"{type(given).__name__}")
+    fields = set(ProjectionOptions.names())
+    projection = {k: v for k, v in given.items() if k in fields}
+    rest = {k: v for k, v in given.items() if k not in fields}
+    unknown = sorted(set(rest) - _ADAMW_KEYWORDS)
+    if unknown:
+        raise TypeError(f"{owner}: unknown OffPrincipalAdamW option(s) {unknown}; the keywords are "
+                        f"{sorted(_ADAMW_KEYWORDS | fields)}")
+    return {**rest, "options": ProjectionOptions.resolve(owner, rest.get("options"), projection)}
+
+
 def offprincipal_trainer(trainer_cls, **options):
-    """A subclass of ``trainer_cls`` with :class:`OffPrincipalTrainerMixin` and these OffPrincipalAdamW options."""
-    return type(f"OffPrincipal{trainer_cls.__name__}", (OffPrincipalTrainerMixin, trainer_cls),
-                {"offprincipal_options": options})
+    """A subclass of ``trainer_cls`` with :class:`OffPrincipalTrainerMixin` and these OffPrincipalAdamW keywords
+    (projection fields, ``options=``, ``master_weights``, …), validated now: a bad value raises here, not when
+    the Trainer builds its optimizer."""
+    name = f"OffPrincipal{trainer_cls.__name__}"
+    return type(name, (OffPrincipalTrainerMixin, trainer_cls), {"offprincipal_options": _adamw_keywords(name, options)})

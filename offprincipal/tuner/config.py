@@ -7,8 +7,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..projection import SIDES
-from ..subspace import FINGERPRINT_RE, SVD_METHODS
+from ..options import DEFAULT_SIDES, DEFAULT_SVD_METHOD, DEFAULT_TOP_K, ProjectionOptions
+from ..subspace import FINGERPRINT_RE
 
 PEFT_TYPE_NAME = "OFFPRINCIPAL"
 INIT_CHOICES = ("random", "minor")
@@ -60,16 +60,18 @@ class OffPrincipalConfig(PeftConfig):
     alpha: float = field(default=16.0, metadata={"help": "The update is scaled by alpha / r."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
     top_k: Union[int, float] = field(
-        default=32, metadata={"help": "Protected principal subspace size: int, or float in (0, 1) of min(m, n)."}
+        default=DEFAULT_TOP_K, metadata={"help": "Protected principal subspace size: int, or float in (0, 1) of min(m, n)."}
     )
     top_k_pattern: Optional[dict] = field(
         default_factory=dict, metadata={"help": "Per-module top_k overrides {regex: k}, matched like rank_pattern."}
     )
     sides: Literal["both", "left", "right"] = field(
-        default="both", metadata={"help": "Which side(s) of ΔW are kept off the principal subspace."}
+        default=DEFAULT_SIDES, metadata={"help": "Which side(s) of ΔW are kept off the principal subspace."}
     )
     init: Literal["random", "minor"] = field(default="random", metadata={"help": "Initialisation of A (B = 0)."})
-    svd_method: Literal["exact", "randomized"] = field(default="exact", metadata={"help": "How bases are computed."})
+    svd_method: Literal["exact", "randomized"] = field(
+        default=DEFAULT_SVD_METHOD, metadata={"help": "How bases are computed."}
+    )
     subspace_cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for the bases."})
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or regex to adapt; 'all-linear' for every linear layer."}
@@ -108,18 +110,13 @@ class OffPrincipalConfig(PeftConfig):
             raise ValueError(f"OffPrincipalConfig.r must be a positive int, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"OffPrincipalConfig.dropout must lie in [0, 1), got {self.dropout}")
-        if self.sides not in SIDES:
-            raise ValueError(f"OffPrincipalConfig.sides must be one of {SIDES}, got {self.sides!r}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"OffPrincipalConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
-        if self.svd_method not in SVD_METHODS:
-            raise ValueError(f"OffPrincipalConfig.svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
         if self.bias != "none":
             raise ValueError(f"OffPrincipalConfig.bias={self.bias!r} is not supported; use bias='none'")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)):
-            raise TypeError(f"OffPrincipalConfig.top_k must be an int or a float in (0, 1), got {self.top_k!r}")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("OffPrincipalConfig.layers_pattern only takes effect with layers_to_transform")
+        self.projection_options()  # validates top_k, top_k_pattern, sides, svd_method, subspace_cache_dir
         self.top_k_pattern = dict(self.top_k_pattern or {})
         if self.base_fingerprint is not None and not (
             isinstance(self.base_fingerprint, str) and FINGERPRINT_RE.fullmatch(self.base_fingerprint)
@@ -130,6 +127,17 @@ class OffPrincipalConfig(PeftConfig):
             )
         if not isinstance(self.strict_base, bool):
             raise TypeError(f"OffPrincipalConfig.strict_base must be True or False, got {self.strict_base!r}")
+
+    def projection_options(self) -> ProjectionOptions:
+        """The fields this config shares with the optimizers, as a validated
+        :class:`~offprincipal.options.ProjectionOptions` (``subspace_cache_dir`` is its ``cache_dir``); an invalid
+        value raises naming the field of this config."""
+        return ProjectionOptions.resolve(
+            "OffPrincipalConfig", None,
+            dict(top_k=self.top_k, top_k_pattern=self.top_k_pattern, sides=self.sides, svd_method=self.svd_method,
+                 cache_dir=self.subspace_cache_dir),
+            aliases={"cache_dir": "subspace_cache_dir"},
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
