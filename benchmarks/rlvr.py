@@ -9,7 +9,7 @@ go to ``runs/rlvr/<suite>/`` (not committed). ``benchmarks/rlvr_report.py`` turn
 
 Learning rates: a sweep on seed 0 for ``lora``, ``offprincipal`` and ``full`` picks, per swept method, the rate with
 the highest mean training reward over all steps (never the held-out set); the other methods take the rate of their
-family (:data:`LR_FAMILY`). The sweep's runs at the chosen rate are the seed-0 runs of the comparison
+family (``Method.family`` in :mod:`offprincipal.experiment.methods`). The sweep's runs at the chosen rate are the seed-0 runs of the comparison
 (``role: "main"``); the others stay in the records with ``role: "sweep"``. The choice is in ``lr_selection.json``.
 
     .venv/bin/python benchmarks/rlvr.py run                 # the whole suite, resumable (hours on a 2-core CPU)
@@ -33,18 +33,14 @@ from typing import Optional
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from offprincipal.experiment.evaluation import RETENTION_N  # noqa: E402
+from offprincipal.experiment.methods import METHODS, canonical_name, get_method  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-MULTI_SEED = ("full", "full-offprincipal", "lora", "pissa", "offprincipal")
-SINGLE_SEED = ("dora", "mica", "osf", "sparse-principal", "sparse-safe", "sparse-random", "sft")
-# which swept method's learning rate each method takes: adapters of the LoRA family take LoRA's, every
-# full-parameter method (OSF trains full-rank blocks) takes full FT's, OffPrincipal its own
-LR_FAMILY = {
-    "lora": "lora", "dora": "lora", "pissa": "lora", "mica": "lora", "offprincipal": "offprincipal",
-    "full": "full", "full-offprincipal": "full", "osf": "full", "sparse-principal": "full", "sparse-safe": "full",
-    "sparse-random": "full", "sft": "full",
-}
-ADAPTERS = ("offprincipal", "lora", "dora", "pissa", "mica")
-CLI_METHOD = {"full-offprincipal": "offprincipal-full"}  # the record's method name → `offprincipal train --method`
+# the methods run with several seeds by default; every other method of the registry runs with Suite.single_seeds.
+# A method without a sweep of its own takes the rate its family's sweep chose (Method.family)
+MULTI_SEED = ("full", "offprincipal-full", "lora", "pissa", "offprincipal")
+SINGLE_SEED = tuple(name for name in METHODS if name not in MULTI_SEED)
 
 
 @dataclass(frozen=True)
@@ -110,6 +106,23 @@ class Paths:
         self.base = self.folder / "base_accuracy.json"
         self.selection = self.folder / "lr_selection.json"
 
+    def migrate(self) -> list[Path]:
+        """Rewrite records written under a former spelling of a method (``full-offprincipal``) to the registry's
+        (method, arm and run_id, and the file's name); returns the files rewritten. Idempotent."""
+        moved = []
+        for path in sorted(self.records.glob("*.json")):
+            record = json.loads(path.read_text())
+            method = canonical_name(record.get("method", ""))
+            if method == record.get("method"):
+                continue
+            old = record["method"]
+            record.update(method=method, arm=record["arm"].replace(old, method, 1),
+                          run_id=record["run_id"].replace(old, method, 1))
+            _write_json(self.record(record["run_id"]), record)
+            path.unlink()
+            moved.append(path)
+        return moved
+
     def record(self, run_id: str) -> Path:
         return self.records / f"{run_id}.json"
 
@@ -141,14 +154,13 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     """Every run of the suite whose learning rate is known: the sweep, then (once their family's rate is chosen, or
     at the CLI's default rate for a family without a sweep) the seeds of each method and the top-k ablation of
     OffPrincipal. Sweep runs come first (they unblock the rest), then seed 0 of every arm, seed 1, …"""
-    from offprincipal.cli import DEFAULT_LR
 
     specs = sweep_specs(suite)
-    for method in (*suite.methods, *SINGLE_SEED):
-        family = method if method in suite.sweep else LR_FAMILY[method]  # its own sweep, if it has one
+    for method in (*suite.methods, *(m for m in SINGLE_SEED if m not in suite.methods)):
+        family = method if method in suite.sweep else get_method(method).family  # its own sweep, if it has one
         if family in suite.sweep and family not in chosen:
             continue  # waits for its family's sweep
-        lr = chosen[family]["lr"] if family in chosen else DEFAULT_LR[CLI_METHOD.get(family, family)]
+        lr = chosen[family]["lr"] if family in chosen else get_method(family).default_lr
         seeds = range(suite.seeds if method in suite.methods else suite.single_seeds)
         specs += [RunSpec(method, seed, lr, suite.top_k, method) for seed in seeds]
         if method == "offprincipal":
@@ -189,12 +201,12 @@ def _env(threads: int) -> dict:
 def train_command(suite: Suite, spec: RunSpec, output: Path) -> list[str]:
     s = suite
     args = [
-        _executable(), "train", "--method", CLI_METHOD.get(spec.method, spec.method), "--model", s.model, "--task", s.task, "--steps", s.steps,
+        _executable(), "train", "--method", spec.method, "--model", s.model, "--task", s.task, "--steps", s.steps,
         "--lr", spec.lr, "--rank", s.rank, "--top-k", spec.top_k, "--metrics-k", s.metrics_k,
         "--num-generations", s.num_generations, "--prompts-per-step", s.prompts_per_step,
         "--max-completion-length", s.max_completion_length, "--temperature", s.temperature, "--eval-n", s.eval_n,
         "--no-eval-before", *_precision_flag(s), "--device", s.device, "--seed", spec.seed,
-        "--retention" if s.retention else "--no-retention", "--output", output,
+        *(["--retention", "--retention-n", RETENTION_N] if s.retention else ["--no-retention"]), "--output", output,
     ]
     return [str(a) for a in args]
 
@@ -222,7 +234,6 @@ def base_accuracy(suite: Suite, paths: Paths, threads: int) -> dict:
         result = _evaluate_base(suite, suite.task, suite.eval_n, threads)
         _write_json(paths.base, result)
     if suite.retention and "retention_task" not in result:
-        from offprincipal.cli import RETENTION_N
         from offprincipal.retention import RETENTION_TASK
 
         result["retention_task"] = _evaluate_base(suite, RETENTION_TASK, RETENTION_N, threads)
@@ -246,7 +257,9 @@ def _commit() -> str:
 
 def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: int, device: str) -> dict:
     """The JSON record of a finished run folder of ``offprincipal train``."""
-    summary = json.loads((folder / "summary.json").read_text())
+    from offprincipal.experiment.records import read_summary
+
+    summary = read_summary(folder / "summary.json")
     run, metrics = summary["run"], summary["parameter_metrics"]
     logs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     layers = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
@@ -254,19 +267,18 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
     leaks = [metrics["mean_leak_left"], metrics["mean_leak_right"]]
     return {
         "suite": suite.name, "run_id": spec.run_id, "method": spec.method, "arm": spec.arm, "role": "main",
-        "seed": spec.seed, "steps": suite.steps, "lr": spec.lr, "rank": suite.rank if spec.method in ADAPTERS else None,
+        "seed": spec.seed, "steps": suite.steps, "lr": spec.lr, "rank": suite.rank if get_method(spec.method).has_rank else None,
         "top_k": spec.top_k, "metrics_k": suite.metrics_k,
         "accuracy_before": base["accuracy"], "accuracy_after": summary["accuracy"]["after"], "eval_n": suite.eval_n,
         "accuracy_after_ci95_low": summary["accuracy"].get("after_ci95_low"),
         "accuracy_after_ci95_high": summary["accuracy"].get("after_ci95_high"),
         **_retention_fields(summary.get("retention"), base),
-        "precision": run.get("precision", "bf16" if run.get("bf16") == "True" else "fp32"),
-        "precision_reason": run.get("precision reason"),
+        "precision": run["precision"], "precision_reason": run["precision_reason"],
         "reward_first": run.get("reward_first_fifth"), "reward_last": run.get("reward_last_fifth"),
         "reward_curve": rewards, "loss_curve": [r.get("loss") for r in logs],
         "step_time_s": _mean([r["step_time"] for r in logs[1:]] or [r["step_time"] for r in logs]),
-        "train_seconds": run["train seconds"], "peak_mem_mb": run["peak memory MB"],
-        "trainable_params": run["trainable params"],
+        "train_seconds": run["train_seconds"], "peak_mem_mb": run["peak_memory_mb"],
+        "trainable_params": run["trainable_params"],
         "nss_mean": metrics["mean_nss"],
         "max_angle_mean": _mean([metrics["mean_max_angle_left"], metrics["mean_max_angle_right"]]),
         "bf16_sparsity": metrics["update_sparsity"], "overlap_principal": metrics["mean_overlap_principal"],
@@ -275,7 +287,7 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
         "layer_names": [r["name"] for r in layers], "layer_nss": [r["nss"] for r in layers],
         "layer_max_angle": [_mean([r["max_angle_left"], r["max_angle_right"]]) for r in layers],
         "device": device, "commit": _commit(), "workers": workers, "settings": suite.settings(),
-        "load_average": run.get("load average at start / end"),
+        "load_average": f"{run.get('load_average_start')} / {run.get('load_average_end')}",
     }
 
 
@@ -344,6 +356,8 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
     """Runs every planned run without a record, ``workers`` at a time; returns the number of failed runs."""
     paths.records.mkdir(parents=True, exist_ok=True)
     paths.runs.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        paths.migrate()
     if dry_run:
         done = paths.done()
         chosen = select_lr(suite, done)
@@ -473,6 +487,8 @@ def main(argv=None) -> int:
         if failed:
             print(f"rlvr: {failed} run(s) failed (see their logs); re-run to retry them", file=sys.stderr)
             return 1
+    if args.command == "report" and paths.records.exists():
+        paths.migrate()
     if not args.dry_run and paths.records.exists() and any(paths.records.glob("*.json")):
         import importlib.util
 

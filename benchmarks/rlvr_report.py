@@ -22,10 +22,12 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from offprincipal.report import PLOTS, _pyplot, _table, write_text_atomic  # noqa: E402
+from offprincipal.experiment.methods import METHODS, canonical_name  # noqa: E402
+from offprincipal.files import write_text_atomic  # noqa: E402
+from offprincipal.report import PLOTS, markdown_table as _table, pyplot as _pyplot  # noqa: E402
 
-ARM_ORDER = ["full", "full-offprincipal", "offprincipal", "lora", "dora", "pissa", "mica", "osf",
-             "sparse-principal", "sparse-safe", "sparse-random", "sft"]
+# the registry's order, with the full-parameter reference arms first
+ARM_ORDER = sorted(METHODS, key=lambda name: (name not in ("full", "offprincipal-full"), list(METHODS).index(name)))
 METRICS = {
     "accuracy_after": "held-out accuracy", "accuracy_delta": "Δ accuracy", "reward_first": "reward (first fifth)",
     "reward_last": "reward (last fifth)", "step_time_s": "step time (s)", "peak_mem_mb": "peak memory (MB)",
@@ -35,7 +37,7 @@ METRICS = {
     "retention_task_delta": "Δ retention task",
 }
 PERCENT = {"accuracy_after", "accuracy_delta", "retention_task_delta"}
-LAYER_ARMS = ["full", "full-offprincipal", "offprincipal", "lora", "pissa", "sft"]
+LAYER_ARMS = ["full", "offprincipal-full", "offprincipal", "lora", "pissa", "sft"]
 REQUIRED = ("run_id", "arm", "role", "method")
 _K_ARM = re.compile(r"offprincipal k=(\d+)$")
 
@@ -54,6 +56,9 @@ def load_records(folder) -> list[dict]:
             raise ValueError(f"{path}: not valid JSON ({error})") from error
         if not isinstance(record, dict) or any(key not in record for key in REQUIRED):
             raise ValueError(f"{path}: not a run record (needs the fields {', '.join(REQUIRED)})")
+        old, new = record["method"], canonical_name(record["method"])  # records of a former method spelling
+        if old != new:
+            record.update(method=new, arm=record["arm"].replace(old, new, 1), run_id=record["run_id"].replace(old, new, 1))
         records.append(record)
     return sorted(records, key=lambda r: r["run_id"])
 
@@ -254,7 +259,7 @@ def _reading(summary) -> str:
 
 # (arm, other arm): does the first forget less than the second at the same gain?
 FORGETTING_PAIRS = [("offprincipal", "lora"), ("offprincipal", "lora lr=0.001"), ("offprincipal", "full"),
-                    ("full-offprincipal", "full")]
+                    ("offprincipal-full", "full")]
 
 
 def _has_retention(records) -> bool:

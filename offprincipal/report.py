@@ -112,22 +112,38 @@ def plot_per_layer(
     return path
 
 
-def plot_training_curve(log_records: Sequence[Mapping], path: Path) -> Optional[Path]:
-    """Reward per step (GRPO) or loss per step (SFT), with a moving average; None when nothing was logged."""
+def reward_blocks(values: Sequence[float], per_block: int) -> list[tuple[int, float, float]]:
+    """Consecutive blocks of ``per_block`` steps: (last step of the block, mean, standard error over its steps; 0.0
+    for a block of one). Steps are numbered from 1; a last, shorter block is kept."""
+    blocks = []
+    for start in range(0, len(values), per_block):
+        chunk = values[start : start + per_block]
+        mean = _mean(chunk)
+        se = math.sqrt(sum((v - mean) ** 2 for v in chunk) / (len(chunk) - 1) / len(chunk)) if len(chunk) > 1 else 0.0
+        blocks.append((start + len(chunk), mean, se))
+    return blocks
+
+
+def plot_training_curve(log_records: Sequence[Mapping], path: Path, prompts_per_step: int = 1,
+                        prompts_per_point: int = 8) -> Optional[Path]:
+    """Reward (GRPO) or loss (SFT) per step, faint, and its mean over blocks of steps that hold at least
+    ``prompts_per_point`` prompts, with ± 1 SE bars: one prompt's reward jumps between 0 and 1, a block's mean
+    reads. None when nothing was logged."""
     key = "reward" if any("reward" in r for r in log_records) else "loss"
     points = [(r["step"], r[key]) for r in log_records if key in r]
     if not points:
         return None
     plt = pyplot()
     steps, values = zip(*points)
-    window = max(1, len(values) // 5)
-    smooth = [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    per_block = max(1, math.ceil(prompts_per_point / max(1, prompts_per_step)))
+    blocks = reward_blocks(list(values), per_block)
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.plot(steps, values, alpha=0.35, marker=".", label=key)
-    ax.plot(steps, smooth, label=f"moving mean ({window} steps)")
+    ax.plot(steps, values, alpha=0.25, marker=".", linestyle="none", label=f"{key} per step")
+    ax.errorbar([steps[b - 1] for b, _, _ in blocks], [m for _, m, _ in blocks], yerr=[se for _, _, se in blocks],
+                marker="o", capsize=3, label=f"mean of {per_block} steps ({per_block * prompts_per_step} prompts) ± SE")
     ax.set(title=f"training {key}", xlabel="step", ylabel=key)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -252,6 +268,27 @@ def write_analysis_report(
     return write_text_atomic(out_dir / "report.md", text + "\n")
 
 
+# display labels of the run facts (offprincipal.experiment.records.RunFacts); the machine's keys are shown as they are
+RUN_LABELS = {
+    "method": "method", "task": "task", "model": "model", "base_model": "base (to load it again)",
+    "base_fingerprint": "base fingerprint", "device": "device", "precision": "precision",
+    "precision_reason": "precision: why", "steps": "steps", "learning_rate": "learning rate", "rank": "rank",
+    "top_k": "top-k", "metrics_k": "metrics k", "num_generations": "generations per prompt",
+    "prompts_per_step": "prompts per step", "max_completion_length": "max completion length",
+    "temperature": "temperature", "seed": "seed", "train_seconds": "train seconds", "wall_seconds": "wall seconds",
+    "peak_memory_mb": "peak memory (MB)", "trainable_params": "trainable params",
+    "load_average_start": "load average at start", "load_average_end": "load average at end",
+    "reward_first_fifth": "reward, first fifth of the steps", "reward_last_fifth": "reward, last fifth of the steps",
+}
+
+
+def run_table(facts: Mapping[str, object]) -> str:
+    """The run facts as a two-column table with display labels (``machine`` flattened)."""
+    rows = {RUN_LABELS.get(key, key): value for key, value in facts.items() if key != "machine"}
+    rows.update(facts.get("machine") or {})
+    return _facts({key: "n/a" if value is None else value for key, value in rows.items()})
+
+
 def write_train_report(
     out_dir: Path,
     facts: Mapping[str, object],
@@ -262,18 +299,15 @@ def write_train_report(
     summary: Mapping,
     retention: Optional[Mapping] = None,
 ) -> Path:
-    """``report.md`` for ``offprincipal train``: run facts, training curve, held-out accuracy before/after (with
-    95% intervals), retention (what the run forgot), and the parameter-level section (``summary.json`` and
-    ``layers.jsonl`` too; ``metrics.jsonl`` is written live)."""
+    """``report.md`` for ``offprincipal train``: run facts (the ``run`` part of ``summary.json``, which the caller
+    writes), training curve, held-out accuracy before/after (with 95% intervals), retention (what the run forgot),
+    and the parameter-level section (``layers.jsonl`` too; ``metrics.jsonl`` is written live)."""
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     save_parameter_metrics(records, out_dir)
-    write_json(out_dir / "summary.json", {"run": dict(facts), "accuracy": dict(accuracy),
-                                          "retention": None if retention is None else dict(retention),
-                                          "parameter_metrics": dict(summary)})
-    parts = ["# Training run", _facts(facts), "## Training"]
-    if plot_training_curve(log_records, plots / "training_curve.png"):
+    parts = ["# Training run", run_table(facts), "## Training"]
+    if plot_training_curve(log_records, plots / "training_curve.png", int(facts.get("prompts_per_step") or 1)):
         parts.append(f"![training curve]({PLOTS}/training_curve.png)")
     if accuracy.get("before") is not None and accuracy.get("after") is not None:
         plot_accuracy(accuracy["before"], accuracy["after"], plots / "accuracy.png", eval_n)

@@ -101,7 +101,10 @@ def assert_complete_run(folder: Path, weights: str, steps: int = 2, reward: bool
     assert all(("reward" in r) == reward and "loss" in r and "step_time" in r for r in records)
     assert ["eval/accuracy" in r for r in records] == [step % 2 == 0 for step in range(1, steps + 1)]  # --eval-every 2
     summary = strict_json((folder / "summary.json").read_text())
-    assert set(summary) == {"run", "accuracy", "retention", "parameter_metrics"}
+    assert set(summary) == {"format", "run", "accuracy", "retention", "parameter_metrics"} and summary["format"] == 2
+    assert all(key.isidentifier() for part in ("run", "accuracy", "parameter_metrics") for key in summary[part])
+    assert all(key.isidentifier() for key in summary["run"]["machine"])
+    assert summary["run"]["precision"] in ("fp32", "bf16") and isinstance(summary["run"]["steps"], int)
     accuracy = summary["accuracy"]
     assert all(0.0 <= accuracy[when] <= 1.0 for when in ("before", "after"))
     assert accuracy["after_ci95_low"] <= accuracy["after"] <= accuracy["after_ci95_high"] and accuracy["after_n"] == eval_n
@@ -177,7 +180,7 @@ def test_train_baselines(run, method, weights):
     assert all(r["update_sparsity"] < 1 for r in layer_records(folder))
     if method != "osf":  # OSF keeps the top-k singular directions frozen: its update is off-principal too
         assert max(max(r["leak_left"], r["leak_right"]) for r in layer_records(folder)) > 1e-3
-    assert 0 < summary["run"]["trainable params"] and summary["run"]["peak memory MB"] > 0
+    assert 0 < summary["run"]["trainable_params"] and summary["run"]["peak_memory_mb"] > 0
 
 
 @pytest.mark.parametrize("kind", ["principal", "safe", "random"])
@@ -198,7 +201,7 @@ def test_train_sparse_masks(run, tiny_dir, kind):
     assert density == pytest.approx(0.5, abs=1e-3) if kind == "principal" else 0.6 < density < 0.9
     full = sum(p.numel() for p in make_tiny_model("llama").parameters())
     masked_out = sum(int((~m).sum()) for m in masks.values())
-    assert summary["run"]["trainable params"] == full - masked_out
+    assert summary["run"]["trainable_params"] == full - masked_out
 
 
 def test_train_sft(run):

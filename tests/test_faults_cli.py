@@ -94,13 +94,13 @@ def test_evaluate_refuses_a_base_the_run_was_not_trained_on(run, digits, tmp_pat
 
 
 def _interrupting(monkeypatch, exc):
-    import offprincipal.cli as cli
+    from offprincipal.experiment import runner
 
     def interrupted(args, folder, start):
         (folder / "half-written.txt").write_text("x")
         raise exc
 
-    monkeypatch.setattr(cli, "_train_into", interrupted)
+    monkeypatch.setattr(runner, "train_into", interrupted)
 
 
 def test_ctrl_c_prints_one_line_and_leaves_nothing(tiny_dir, digits, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -117,6 +117,7 @@ SIGTERM_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import offprincipal.cli as cli
+from offprincipal.experiment import runner
 from offprincipal.tasks import TASKS
 from test_cli import DigitTask, tiny_args
 TASKS["digits"] = DigitTask
@@ -125,7 +126,7 @@ def killed(args, folder, start):
     (folder / "half-written.txt").write_text("x")
     os.kill(os.getpid(), signal.SIGTERM)
 
-cli._train_into = killed
+runner.train_into = killed
 sys.exit(cli.main(tiny_args({model!r}, {output!r})))
 """
 
@@ -196,5 +197,5 @@ def test_train_records_the_precision_and_why(tiny_dir, digits, tmp_path, monkeyp
     args = [a for a in tiny_args(tiny_dir, tmp_path / "run", steps=1, **{"--eval-every": None}) if a != "--no-bf16"]
     assert main(args) == 0
     run_facts = json.loads((tmp_path / "run" / "summary.json").read_text())["run"]
-    assert run_facts["precision"] == "fp32" and "no AVX512_BF16/AMX" in run_facts["precision reason"]
+    assert run_facts["precision"] == "fp32" and "no AVX512_BF16/AMX" in run_facts["precision_reason"]
     assert "no AVX512_BF16/AMX" in (tmp_path / "run" / "report.md").read_text()

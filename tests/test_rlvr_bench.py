@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from offprincipal.experiment.methods import METHODS as REGISTRY
 from conftest import make_tiny_model, make_tokenizer
 
 pytest.importorskip("trl")
@@ -23,8 +24,7 @@ FIELDS = {
     "step_time_s", "peak_mem_mb", "trainable_params", "nss_mean", "max_angle_mean", "bf16_sparsity",
     "overlap_principal", "overlap_lowmag", "leak", "device", "commit",
 }
-METHODS = {"full", "full-offprincipal", "lora", "dora", "pissa", "mica", "osf", "offprincipal", "sparse-principal",
-           "sparse-safe", "sparse-random", "sft"}
+METHODS = set(REGISTRY)  # every method of the registry is an arm of the default suite
 
 
 def load_script(name: str):
@@ -104,7 +104,7 @@ def test_every_arm_runs_and_records_are_well_formed(suite, capsys):
         assert roles == {lr: "main" if lr == chosen else "sweep" for lr in roles} and len(roles) == 2
         family = [r for r in records.values() if r["role"] == "main" and r["method"] in
                   {"lora": ("dora", "pissa", "mica"), "offprincipal": ("offprincipal",),
-                   "full": ("full-offprincipal", "osf", "sparse-safe", "sft")}[method]]
+                   "full": ("offprincipal-full", "osf", "sparse-safe", "sft")}[method]]
         assert family and all(r["lr"] == chosen for r in family)
     fixed = [r for r in records.values() if r["arm"] == "lora lr=0.01"]
     assert sorted(r["seed"] for r in fixed) == [0, 1] and all(r["role"] == "main" for r in fixed)

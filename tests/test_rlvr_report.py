@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,22 @@ def test_no_forgetting_section_without_retention(tmp_path):
     for r in make_records():
         (folder / "records" / f"{r['run_id']}.json").write_text(json.dumps(r))
     assert "Gain against forgetting" not in rlvr_report.write_report(folder).read_text()
+
+
+def test_records_of_a_former_method_spelling_are_read_and_migrated(tmp_path):
+    """Records written as `full-offprincipal` (before the method registry fixed the spelling) load as
+    `offprincipal-full`; the harness migrates the files once, and the report reads them either way."""
+    spec = importlib.util.spec_from_file_location("rlvr", SCRIPT.with_name("rlvr.py"))
+    rlvr = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("rlvr", rlvr)  # dataclasses look their module up there
+    spec.loader.exec_module(rlvr)
+    folder = tmp_path / "suite"
+    (folder / "records").mkdir(parents=True)
+    old = make_record("full-offprincipal", 0, 0.4, lr=2e-5)
+    (folder / "records" / f"{old['run_id']}.json").write_text(json.dumps(old))
+    loaded = rlvr_report.load_records(folder)
+    assert [(r["method"], r["arm"]) for r in loaded] == [("offprincipal-full", "offprincipal-full")]
+    paths = rlvr.Paths(rlvr.Suite(name="suite"), tmp_path, tmp_path / "runs")
+    assert len(paths.migrate()) == 1 and paths.migrate() == []
+    (record,) = paths.done().values()
+    assert record["method"] == "offprincipal-full" and record["run_id"].startswith("offprincipal-full")

@@ -1,0 +1,117 @@
+"""What a run is judged by: greedy held-out accuracy with intervals, and retention (what it forgot).
+
+The accuracy figures come with 95% intervals (:mod:`offprincipal.stats`): a Wilson interval for an accuracy, and
+the paired interval of the gain when the same prompts were evaluated before and after training. Retention
+(definitions in :mod:`offprincipal.retention`): the NLL drift of the base model's own greedy answers to general
+prompts, and the accuracy on a second verifiable task the run does not train on.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from typing import Optional
+
+from .errors import UsageError
+
+RETENTION_N = 100  # held-out prompts of the retention task
+
+
+def autocast(args):
+    """bf16 autocast for evaluation when training runs in bf16 (what the Trainer does for training steps)."""
+    import torch
+
+    return torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+
+def held_out_correct(model, tokenizer, task, args, n: Optional[int] = None) -> Optional[list[bool]]:
+    """Per-prompt greedy correctness on the first ``n`` (default ``--eval-n``) held-out prompts, with the training
+    completion budget (None when that is 0)."""
+    from ..tasks import held_out_correct as correct_per_prompt
+
+    n = args.eval_n if n is None else n
+    if not n:
+        return None
+    with autocast(args):
+        return correct_per_prompt(model, tokenizer, task, n=n, max_new_tokens=args.max_completion_length)
+
+
+def held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
+    """Greedy accuracy on the first ``--eval-n`` held-out prompts (None if 0)."""
+    correct = held_out_correct(model, tokenizer, task, args)
+    return None if correct is None else sum(correct) / len(correct)
+
+
+def accuracy_record(before: Optional[list[bool]], after: Optional[list[bool]]) -> dict:
+    """before/after accuracy, the after figure's Wilson interval, and the paired gain with its interval."""
+    from ..stats import paired_gain, wilson_interval
+
+    record = {"before": None if before is None else sum(before) / len(before),
+              "after": None if after is None else sum(after) / len(after)}
+    if after is not None:
+        record.update(wilson_interval(sum(after), len(after)).as_record("after"))
+    if before is not None and after is not None:
+        record.update(paired_gain(before, after).as_record("gain"))
+    return record
+
+
+def pct(value: Optional[float]) -> str:
+    return "skipped (--eval-n 0)" if value is None else f"{100 * value:.1f}%"
+
+
+def interval_text(accuracy: dict, key: str = "after") -> str:
+    return (f"{100 * accuracy[key]:.1f}% (95% CI {100 * accuracy[f'{key}_ci95_low']:.1f}–"
+            f"{100 * accuracy[f'{key}_ci95_high']:.1f}%)")
+
+
+class Retention:
+    """What a run forgets (issue-level definitions in :mod:`offprincipal.retention`): the NLL drift of the base
+    model's own greedy answers to general prompts, and greedy accuracy on a second task it does not train on.
+    ``measure_base`` runs on the untouched model before training, ``measure_tuned`` after."""
+
+    def __init__(self, args, tokenizer):
+        from ..retention import RETENTION_TASK
+        from ..tasks import get_task
+
+        self.args, self.tokenizer = args, tokenizer
+        self.task_name = RETENTION_TASK if args.task != RETENTION_TASK else None
+        self.task = get_task(self.task_name) if self.task_name else None
+        self.answers = self.base_nll = self.before = None
+
+    def measure_base(self, model) -> None:
+        from ..retention import answer_nll, base_answers
+
+        print("retention: the base model's answers to the general prompts (cached) and their NLL ...", file=sys.stderr)
+        with autocast(self.args):
+            self.answers = base_answers(model, self.tokenizer)
+            self.base_nll = answer_nll(model, self.tokenizer, self.answers)
+        if self.task is not None and self.args.eval_before:
+            self.before = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
+
+    def measure_tuned(self, model) -> dict:
+        from ..retention import nll_drift
+
+        with autocast(self.args):
+            drift = nll_drift(model, self.answers, self.tokenizer, base_nll=self.base_nll)
+        record = {"nll_drift_nats_per_token": drift.drift_nll, "tuned_nll_nats_per_token": drift.tuned_nll,
+                  "base_nll_nats_per_token": drift.base_nll, "prompts": drift.n_prompts,
+                  "answer_tokens": drift.n_tokens, "task": self.task_name}
+        if self.task is not None:
+            after = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
+            record["task_accuracy"] = accuracy_record(self.before, after)
+        print(f"retention: NLL drift {drift.drift_nll:+.4f} nats/token"
+              + (f"; {self.task_name} accuracy {pct(record['task_accuracy']['before'])} → "
+                 f"{pct(record['task_accuracy']['after'])}" if self.task is not None else ""), file=sys.stderr)
+        return record
+
+
+def resolve_task(name: str):
+    """The task ``--task`` names (a built-in one or a JSONL file); bad names and bad files become UsageErrors."""
+    from ..tasks import get_task
+
+    try:
+        return get_task(name)
+    except KeyError as exc:
+        raise UsageError(f"--task {name}: {exc.args[0]}") from exc
+    except (OSError, ValueError) as exc:  # JsonlTaskError is a ValueError naming the file and every bad line
+        raise UsageError(f"--task {name}: {' '.join(str(exc).split()) if isinstance(exc, OSError) else exc}") from exc
