@@ -27,7 +27,8 @@ from offprincipal.files import write_text_atomic  # noqa: E402
 from offprincipal.report import PLOTS, markdown_table as _table, pyplot as _pyplot  # noqa: E402
 
 # the registry's order, with the full-parameter reference arms first
-ARM_ORDER = sorted(METHODS, key=lambda name: (name not in ("full", "offprincipal-full"), list(METHODS).index(name)))
+_REFERENCE_ARMS = ("full", "offprincipal-full")
+ARM_ORDER = [*_REFERENCE_ARMS, *(name for name in METHODS if name not in _REFERENCE_ARMS)]
 METRICS = {
     "accuracy_after": "held-out accuracy", "accuracy_delta": "Δ accuracy", "reward_first": "reward (first fifth)",
     "reward_last": "reward (last fifth)", "step_time_s": "step time (s)", "peak_mem_mb": "peak memory (MB)",
