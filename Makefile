@@ -24,9 +24,7 @@ train: $(STAMP)
 	$(VENV)/bin/offprincipal train $(ARGS)
 
 test: $(STAMP)
-	# not `python -m pytest`: that puts the repo root on sys.path, where kernels/ would shadow the `kernels`
-	# package that transformers probes (kernels/ is installed as offprincipal.kernels)
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(PY) -m pytest -q $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,9 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torch  # noqa: E402
+import torch
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from offprincipal.experiment.evaluation import RETENTION_N  # noqa: E402
-from offprincipal.experiment.methods import METHODS, canonical_name, get_method  # noqa: E402
+from offprincipal.experiment.evaluation import RETENTION_N
+from offprincipal.experiment.methods import METHODS, canonical_name, get_method
 
 ROOT = Path(__file__).resolve().parent.parent
 # the methods run with several seeds by default; every other method of the registry runs with Suite.single_seeds.

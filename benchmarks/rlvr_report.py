@@ -16,15 +16,13 @@ import math
 import os
 import re
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from offprincipal.experiment.methods import METHODS, canonical_name  # noqa: E402
-from offprincipal.files import write_text_atomic  # noqa: E402
-from offprincipal.report import PLOTS, markdown_table as _table, pyplot as _pyplot  # noqa: E402
+from offprincipal.experiment.methods import METHODS, canonical_name
+from offprincipal.files import write_text_atomic
+from offprincipal.report import PLOTS, markdown_table as _table, pyplot as _pyplot
 
 # the registry's order, with the full-parameter reference arms first
 _REFERENCE_ARMS = ("full", "offprincipal-full")

@@ -9,21 +9,22 @@ before this package was first imported (:data:`INTERPRETED`). Callers normally g
 for CUDA tensors and to the torch reference otherwise.
 """
 
-if __name__ != "offprincipal.kernels":
-    # This folder is installed as offprincipal.kernels. Imported as a top-level ``kernels`` (the repo root is on
-    # sys.path, e.g. ``python -m ...`` inside a checkout) it would shadow Hugging Face's ``kernels`` package, which
-    # transformers probes on import; so it poses as an empty namespace module and the probe reports "not installed".
-    __file__ = None
-else:
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - depends on the platform
-        raise ImportError(
-            "offprincipal.kernels needs Triton (Linux x86_64 with a CUDA GPU); the torch backend works without it"
-        ) from exc
+from importlib import import_module
 
-    from ._tiles import DEFAULT_PRECISION, INTERPRETED, MAX_K, PRECISIONS
-    from .adamw import projected_adamw_step_, wd_terms
-    from .project import project_
+# name → submodule; imported on first use (PEP 562), so importing this package runs nothing: neither Triton nor a
+# kernel module. That also keeps the folder harmless when the repo root is on sys.path (``python -m pytest``): there
+# transformers probes a top-level ``kernels`` (Hugging Face's package of that name), imports this folder instead,
+# finds no ``__version__`` and reports it unavailable, without side effects.
+_EXPORTS = {
+    "DEFAULT_PRECISION": "_tiles", "INTERPRETED": "_tiles", "MAX_K": "_tiles", "PRECISIONS": "_tiles",
+    "project_": "project", "projected_adamw_step_": "adamw", "wd_terms": "adamw",
+}
+__all__ = sorted(_EXPORTS)
 
-    __all__ = ["DEFAULT_PRECISION", "INTERPRETED", "MAX_K", "PRECISIONS", "project_", "projected_adamw_step_", "wd_terms"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

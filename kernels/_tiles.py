@@ -33,8 +33,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - depends on the platform
+    raise ImportError(
+        "offprincipal.kernels needs Triton (Linux x86_64 with a CUDA GPU); the torch backend works without it"
+    ) from exc
 
 from offprincipal._sides import (
     DEFAULT_PRECISION, PRECISIONS, AllReduce, check_precision, fp32_matmuls, uses_left, uses_right,
