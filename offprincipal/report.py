@@ -323,9 +323,11 @@ def write_train_report(
 
 
 def _interval(accuracy: Mapping, key: str, sign: str = "") -> str:
+    """``key``'s value with its 95% interval: an accuracy in %, a gain (``sign="+"``) in percentage points."""
+    unit = " pp" if sign else "%"
     low, high = accuracy.get(f"{key}_ci95_low"), accuracy.get(f"{key}_ci95_high")
-    text = f"{100 * accuracy[key]:{sign}.1f}%"
-    return text if low is None else f"{text} (95% CI {100 * low:{sign}.1f} to {100 * high:{sign}.1f})"
+    text = f"{100 * accuracy[key]:{sign}.1f}{unit}"
+    return text if low is None else f"{text} (95% CI {100 * low:{sign}.1f} to {100 * high:{sign}.1f}{unit})"
 
 
 def _accuracy_text(accuracy: Mapping, label: str, eval_n: int) -> str:
