@@ -186,8 +186,13 @@ CERTIFY_TOPK_TOL = 0.5
 """Default ``topk_tol`` of :func:`certify_subspace`: the part of W outside the bases may have a top singular value
 of at most ``S_k · 1.5``. A fresh SVD gives σ_{k+1} ≤ S_k; off-principal training adds at most ‖ΔW‖₂ to it."""
 
-CERTIFY_NITER = 6
+CERTIFY_NITER = 4
+"""Default ``niter`` of :func:`certify_subspace`: block Krylov steps on the residual (one product with it and one
+with its transpose each; the first step shares its passes over W with the singular-pair checks)."""
+
 CERTIFY_BLOCK = 4
+"""Block size (columns) of :func:`certify_subspace`'s Krylov iteration."""
+
 _CERTIFY_SIDES = ("both", "left", "right")
 
 
@@ -245,15 +250,28 @@ def certify_subspace(
        (left). ``sides`` names the identities that must hold: off-principal training with ``sides="both"``
        keeps both exactly (Uᵀ P(D) = 0 and P(D) V = 0), ``"left"`` keeps the left one, ``"right"`` the right one;
        a fresh SVD satisfies both;
-    4. top k: ``σ₁(W − U·diag(S)·Vᵀ) ≤ min|S| · (1 + topk_tol)``, with σ₁ estimated by ``niter`` block power
-       iterations (block of 4, seeded by ``seed``) on the residual as an operator, never formed. A fresh SVD
-       gives σ_{k+1} ≤ σ_k; after off-principal training σ₁ grows by at most ‖ΔW‖₂, so the default
-       ``topk_tol`` passes any resume whose update is smaller than half of the k-th singular value, while
-       bases of minor directions (σ₁(W) against a small S) fail. The estimate is a lower bound of σ₁, so
-       this check never refuses a genuine basis because of the iteration count.
+    4. top k: ``σ₁(W − U·diag(S)·Vᵀ) ≤ min|S| · (1 + topk_tol) + 1e-6·‖S‖_F`` (the last term absorbs the fp32
+       rounding of the products). A fresh SVD gives σ_{k+1} ≤ σ_k; after off-principal training σ₁ grows by at
+       most ‖ΔW‖₂, so the default ``topk_tol`` passes any resume whose update is smaller than half of the k-th
+       singular value, while bases of minor directions (σ₁(W) against a small S) fail.
 
-    Cost: two (m×n)·(n×k) products for the pairs, ``2·niter`` products with a block of 4 for the power
-    iterations: O(m·n·(k + 8·niter)), against O(m·n·min(m, n)) for the SVD it replaces.
+       σ₁ of the residual R = W − U·diag(S)·Vᵀ (applied as an operator, never formed) is estimated by ``niter``
+       steps of block Golub–Kahan–Lanczos with full reorthogonalization, block b = min(``CERTIFY_BLOCK``, m, n),
+       from a Gaussian start Q₁ (n×b, orthonormalized) seeded by ``seed``: step j computes R·Q_j and
+       orthonormalizes it against P₁ … P_{j−1} into P_j (m×b), computes P_jᵀ·R, and orthonormalizes (P_jᵀ·R)ᵀ
+       against Q₁ … Q_j into Q_{j+1}; the steps stop early once another block would not fit, (j + 1)·b >
+       min(m, n). With P = [P₁ … P_j] and c the top left singular vector of Pᵀ·R, the estimate is
+       ``‖Rᵀ·(P·c)‖ / ‖P·c‖``: the norm ratio of Rᵀ on one vector, so a lower bound of σ₁(R) however the
+       orthogonalizations round, and this check never refuses a genuine basis because of ``niter``. In exact
+       arithmetic it is the largest Ritz value of Rᵀ on span(R·K), K = span(Q₁, (RᵀR)·Q₁, …, (RᵀR)^(j−1)·Q₁),
+       hence at least ``‖R·Q‖₂`` for every Q with orthonormal columns in K — in particular at least the estimate
+       of ``niter − 1`` block power iterations from the same Q₁.
+
+    Cost: the first Krylov step shares its passes over W with the pair checks: one product W·[V Q₁] ([V Q₁] is
+    n×(k+b); W·Q₁ alone when ``sides="left"``) and one [U P₁]ᵀ·W ([U P₁] is m×(k+b); P₁ᵀ·W alone when
+    ``sides="right"``); each further step makes one product W·Q_j and one P_jᵀ·W with b columns. In all at most
+    ``2·niter`` passes over W and O(m·n·(k + 2·b·niter) + (m + n)·(k + b·niter)²) flops, against
+    O(m·n·min(m, n)) for the SVD it replaces.
     """
     what = f"the bases of {name!r}" if name else "the bases"
     if sides not in _CERTIFY_SIDES:
@@ -276,29 +294,19 @@ def certify_subspace(
             f"shape {(m, n)} (U must be (out, k), S (k,), V (in, k))"
         )
     k = S.shape[0]
-    for label, t in (("U", U), ("S", S), ("V", V)):
-        if not torch.isfinite(t).all():
-            raise SubspaceMismatch(f"{what}: {label} has a non-finite entry (NaN or inf)")
+    if not torch.isfinite(S).all():
+        raise SubspaceMismatch(f"{what}: S has a non-finite entry (NaN or inf)")
     eye = torch.eye(k, device=W.device)
     for label, t in (("U", U), ("V", V)):
-        err = float((t.T @ t - eye).abs().max())
+        gram = t.T @ t  # a non-finite entry of column j makes (tᵀt)_jj non-finite: the finiteness check of t
+        if not torch.isfinite(gram.diagonal()).all():
+            raise SubspaceMismatch(f"{what}: {label} has a non-finite entry (NaN or inf)")
+        err = float((gram - eye).abs().max())
         if not err <= 1e-4:
             raise SubspaceMismatch(f"{what}: the columns of {label} are not orthonormal (max |{label}ᵀ{label} − I| = {err:.2e} > 1e-4)")
     scale = float(S.norm()) or float(W.norm()) or 1.0
-    checks = []
-    if sides in ("both", "right"):
-        checks.append(("W·V = U·diag(S)", W @ V - U * S))
-    if sides in ("both", "left"):
-        checks.append(("Uᵀ·W = diag(S)·Vᵀ", U.T @ W - S[:, None] * V.T))
-    for label, residual in checks:
-        rel = float(residual.norm()) / scale
-        if not rel <= tol:
-            raise SubspaceMismatch(
-                f"{what} are not singular pairs of this weight: ‖{label.replace(' = ', ' − ')}‖_F / ‖S‖_F = {rel:.2e} > "
-                f"{tol:.1e} (they belong to another weight, or are damaged)"
-            )
+    top = _certify_pairs_and_residual_norm(W, U, S, V, sides, tol, scale, niter, seed, what)
     s_k = float(S.abs().min())
-    top = _residual_top_singular_value(W, U, S, V, niter, seed)
     bound = s_k * (1 + topk_tol)
     if not top <= bound + 1e-6 * scale:
         raise SubspaceMismatch(
@@ -307,21 +315,69 @@ def certify_subspace(
         )
 
 
-def _residual_top_singular_value(W, U, S, V, niter: int, seed: int) -> float:
-    """Lower bound of σ₁(W − U diag(S) Vᵀ) from ``niter`` block power iterations (never forms the residual)."""
+def _pairs_failed(what: str, label: str, rel: float, tol: float) -> SubspaceMismatch:
+    return SubspaceMismatch(
+        f"{what} are not singular pairs of this weight: ‖{label}‖_F / ‖S‖_F = {rel:.2e} > {tol:.1e} (they belong "
+        "to another weight, or are damaged)"
+    )
+
+
+def _orthonormal_against(X: torch.Tensor, basis: Optional[torch.Tensor]) -> torch.Tensor:
+    """Orthonormal columns spanning X with the span of ``basis`` (orthonormal columns) removed (two Gram–Schmidt
+    passes, then QR)."""
+    if basis is not None:
+        for _ in range(2):
+            X = torch.addmm(X, basis, basis.T @ X, alpha=-1)
+    return torch.linalg.qr(X).Q
+
+
+def _certify_pairs_and_residual_norm(W, U, S, V, sides, tol, scale, niter, seed, what) -> float:
+    """Steps 3 and 4 of :func:`certify_subspace`: raise if a singular-pair identity of ``sides`` fails, else return
+    the Krylov lower bound of σ₁(W − U diag(S) Vᵀ) (the first Krylov step fused into the pair products)."""
     m, n = W.shape
-    block = min(CERTIFY_BLOCK, m, n)
+    k = S.shape[0]
+    b = min(CERTIFY_BLOCK, m, n)
     gen = torch.Generator(device=W.device).manual_seed(seed)
-    Q = torch.randn(n, block, device=W.device, dtype=W.dtype, generator=gen)
-    Q = torch.linalg.qr(Q).Q
-    for _ in range(max(niter, 1)):
-        Y = W @ Q - U @ (S[:, None] * (V.T @ Q))  # R Q, (m, block)
-        Z = W.T @ Y - V @ (S[:, None] * (U.T @ Y))  # Rᵀ R Q, (n, block)
-        if not torch.isfinite(Z).all() or float(Z.abs().max()) == 0.0:
-            break
-        Q = torch.linalg.qr(Z).Q
-    Y = W @ Q - U @ (S[:, None] * (V.T @ Q))
-    return float(torch.linalg.matrix_norm(Y, ord=2))
+    Q = torch.linalg.qr(torch.randn(n, b, device=W.device, dtype=W.dtype, generator=gen)).Q
+    SVt = S[:, None] * V.T  # (k, n), formed once: Uᵀ·W − SVt is the left identity, Yᵀ·R = Yᵀ·W − (Yᵀ·U)·SVt
+    right, left = sides in ("both", "right"), sides in ("both", "left")
+    Ps: Optional[torch.Tensor] = None  # left blocks (m, j·b)
+    Qs: Optional[torch.Tensor] = None  # right blocks (n, j·b)
+    PtR: list[torch.Tensor] = []  # P_jᵀ·R, (b, n) each
+    steps = max(int(niter), 1)
+    for j in range(steps):
+        if j == 0 and right:
+            WVQ = W @ torch.cat([V, Q], dim=1)  # one pass: the right pairs and W·Q₁
+            rel = float(torch.addcmul(WVQ[:, :k], U, S, value=-1).norm()) / scale
+            if not rel <= tol:
+                raise _pairs_failed(what, "W·V − U·diag(S)", rel, tol)
+            WQ = WVQ[:, k:]
+        else:
+            WQ = W @ Q
+        RQ = torch.addmm(WQ, U, SVt @ Q, alpha=-1)  # R·Q_j = W·Q_j − U·(diag(S)·Vᵀ·Q_j), (m, b)
+        P = _orthonormal_against(RQ, Ps)
+        if j == 0 and left:
+            UPW = torch.cat([U, P], dim=1).T @ W  # one pass: the left pairs and P₁ᵀ·W
+            rel = float((UPW[:k] - SVt).norm()) / scale
+            if not rel <= tol:
+                raise _pairs_failed(what, "Uᵀ·W − diag(S)·Vᵀ", rel, tol)
+            PtW = UPW[k:]
+        else:
+            PtW = P.T @ W
+        PtR.append(torch.addmm(PtW, P.T @ U, SVt, alpha=-1))  # P_jᵀ·R, (b, n)
+        Qs = Q if Qs is None else torch.cat([Qs, Q], dim=1)
+        Ps = P if Ps is None else torch.cat([Ps, P], dim=1)
+        if j + 1 < steps:
+            if Qs.shape[1] + b > n or Ps.shape[1] + b > m:
+                break  # the Krylov space fills the whole space: no room for another block
+            Q = _orthonormal_against(PtR[-1].T, Qs)
+    M = torch.cat(PtR, dim=0)  # Pᵀ·R, (j·b, n)
+    G = M @ M.T
+    if not torch.isfinite(G).all():
+        return float("inf")
+    c = torch.linalg.eigh(G).eigenvectors[:, -1:]  # top left singular vector of M, (j·b, 1)
+    den = float((Ps @ c).norm())
+    return float((M.T @ c).norm()) / den if den > 0 else 0.0
 
 
 def fingerprint(weight: torch.Tensor) -> str:

@@ -155,3 +155,96 @@ def test_cache_owns_its_folder_rule_and_keys(tmp_path, monkeypatch):
             SubspaceCache(tmp_path).path(bad, 4, "exact")
     with pytest.raises(ValueError, match="k must be"):
         SubspaceCache(tmp_path).path(fp, 0, "exact")
+
+
+# --- the base certificate (certify_subspace): its σ₁ estimate and its cost ----------------------------------------
+
+
+def _bases(W, lo, hi):
+    """Singular pairs lo..hi−1 of W as a Subspace (fp32)."""
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return subspace_mod.Subspace(U[:, lo:hi].contiguous(), S[lo:hi].contiguous(), Vh[lo:hi].T.contiguous())
+
+
+def _estimate(W, sub, niter, seed=0):
+    return subspace_mod._certify_pairs_and_residual_norm(
+        W.float(), sub.U, sub.S, sub.V, "both", 1e-3, float(sub.S.norm()), niter, seed, "w"
+    )
+
+
+def _power_estimate(W, sub, iters, seed=0):
+    """The certificate's former estimator: block power iteration from the same seeded start, ‖R·Q‖₂."""
+    W = W.float()
+    R = W - (sub.U * sub.S) @ sub.V.T
+    b = min(subspace_mod.CERTIFY_BLOCK, *W.shape)
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(W.shape[1], b, generator=gen)).Q
+    for _ in range(iters):
+        Q = torch.linalg.qr(R.T @ (R @ Q)).Q
+    return float(torch.linalg.matrix_norm(R @ Q, ord=2))
+
+
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60), (7, 5), (5, 7)])
+@pytest.mark.parametrize("niter", [1, 2, 4])
+def test_certificate_estimate_is_a_lower_bound_at_least_as_strong_as_power_iteration(shape, niter):
+    W = planted(*shape, decay=0.3, seed=1).float()
+    k = 2
+    for lo in (0, 1, min(shape) - k):  # the top k, the pairs missing the top one, the minor ones
+        sub = _bases(W, lo, lo + k)
+        R = W.double() - (sub.U.double() * sub.S.double()) @ sub.V.double().T
+        sigma1 = float(torch.linalg.matrix_norm(R, ord=2))
+        est = _estimate(W, sub, niter)
+        assert est <= sigma1 * (1 + 1e-5) + 1e-6
+        # the Ritz value on R·K(RᵀR, Q₁) dominates block power iteration to any point of that Krylov space
+        assert est >= _power_estimate(W, sub, niter - 1) * (1 - 1e-4)
+
+
+def test_certificate_krylov_finds_the_missing_top_direction():
+    W = planted(300, 120, decay=0.2, gap=1.0, seed=2).float()
+    sub = _bases(W, 1, 9)  # singular pairs, but not the top 8: σ₁(W − U S Vᵀ) = σ₁(W)
+    sigma1 = float(torch.linalg.svdvals(W)[0])
+    assert _estimate(W, sub, subspace_mod.CERTIFY_NITER) >= 0.95 * sigma1
+    assert _estimate(W, sub, subspace_mod.CERTIFY_NITER) >= _power_estimate(W, sub, subspace_mod.CERTIFY_NITER - 1)
+
+
+@pytest.mark.parametrize("sides", ["both", "left", "right"])
+def test_certificate_refuses_minor_bases_on_every_side_and_passes_fresh_ones(sides):
+    W = planted(50, 30, decay=1.0, seed=3).float()
+    subspace_mod.certify_subspace(W, top_k_subspace(W, 4), sides=sides)
+    with pytest.raises(subspace_mod.SubspaceMismatch, match="not its top 4"):
+        subspace_mod.certify_subspace(W, _bases(W, 26, 30), sides=sides)
+
+
+def test_certificate_non_finite_entries_are_named():
+    W = planted(30, 20, seed=4).float()
+    good = top_k_subspace(W, 3)
+    for label in "USV":
+        bad = {"U": good.U.clone(), "S": good.S.clone(), "V": good.V.clone()}
+        bad[label].view(-1)[1] = float("inf") if label == "V" else float("nan")
+        with pytest.raises(subspace_mod.SubspaceMismatch, match=f"{label} has a non-finite entry"):
+            subspace_mod.certify_subspace(W, subspace_mod.Subspace(bad["U"], bad["S"], bad["V"]))
+
+
+class _CountWeightProducts(torch.overrides.TorchFunctionMode):
+    """Counts the matrix products that read the weight's storage (W or a view of it such as W.T)."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.ptr, self.count = W.data_ptr(), 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.addmm):
+            if any(isinstance(a, torch.Tensor) and a.data_ptr() == self.ptr for a in args):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("niter", [1, 3, 4])
+def test_certificate_reads_the_weight_2_niter_times(niter):
+    """The cost contract: the pair checks share their two passes over W with the first Krylov step."""
+    W = planted(80, 50, seed=5).float()
+    sub = top_k_subspace(W, 6)
+    mode = _CountWeightProducts(W)
+    with mode:
+        subspace_mod.certify_subspace(W, sub, niter=niter)
+    assert mode.count == 2 * niter
