@@ -10,8 +10,8 @@ spill, they have no local arrays) of the cubin, and the metadata the shared memo
 - shared memory within the target's per-block limit (232,448 B on sm_90, 166,912 B on sm_80),
 - at most 255 registers per thread.
 
-Variants compiled are the heaviest of each config: both sides projected, pass 1 of AdamW reading W, the step
-scalars read from device memory (one-sided variants and the others only drop code). The report
+Variants: every sides setting; for AdamW the usual flags (no read of W in pass 1, host step scalars) and the
+other extreme (W read, scalars from device memory), and the mixed dtypes of master weights. The report
 (``benchmarks/results/kernels_sm90.md``) carries a fingerprint of the kernel sources and config tables;
 ``tests/test_kernels_sm90.py`` checks that it is current and that every row passes.
 
@@ -41,6 +41,11 @@ REPORT = ROOT / "benchmarks" / "results" / "kernels_sm90.md"
 TARGETS = {90: 232_448, 80: 166_912}  # arch → shared memory per block (opt-in maximum), bytes
 MAX_REGISTERS = 255
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+MIXED = "fp32+bf16 grad"  # OffPrincipalAdamW(master_weights=True): fp32 weight and moments, bf16 gradient
+SIDES = {"both": (True, True), "left": (True, False), "right": (False, True)}
+# AdamW flags compiled: (pass-1 READ_W / pass-2 HAS_WD, HYPER_ON_DEVICE) — the usual path (weight decay from
+# UᵀW and WV, or none; host step scalars) and the other extreme (W read, scalars from device memory)
+ADAMW_FLAGS = ((False, False), (True, True))
 SOURCES = ("kernels/_tiles.py", "kernels/project.py", "kernels/adamw.py")
 
 
@@ -72,29 +77,34 @@ def variants(candidates_kp=None):
             for precision in (only[0].split(",") if only else PRECISIONS):
                 for kernel in (f"project_{kind}", f"adamw_{kind}"):
                     for dtype in DTYPES:
-                        rows.append((kernel, int(kp), TileConfig(bm, bn, w, s), precision, dtype))
+                        rows.append((kernel, int(kp), TileConfig(bm, bn, w, s), precision, dtype, "both", (True, True)))
         return rows
     for kernel in ("project_reduce", "adamw_reduce", "project_apply", "adamw_apply"):
         table = REDUCE_CONFIGS if kernel.endswith("reduce") else APPLY_CONFIGS
+        adamw = kernel.startswith("adamw")
         for (kp, precision), cfg in table.items():
-            for dtype in DTYPES:
-                rows.append((kernel, kp, cfg, precision, dtype))
+            for dtype in list(DTYPES) + ([MIXED] if adamw else []):
+                for sides in SIDES:
+                    for flags in (ADAMW_FLAGS if adamw else (None,)):
+                        rows.append((kernel, kp, cfg, precision, dtype, sides, flags))
     return rows
 
 
 def compile_one(args) -> dict:
     """Compile one variant for every target; registers, stack bytes, shared bytes and seconds per target."""
-    kernel_name, kp, cfg, precision, dtype = args
+    kernel_name, kp, cfg, precision, dtype, sides, flags = args
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = _kernel(kernel_name)
     reduce = kernel_name.endswith("reduce")
-    const = dict(LEFT=True, RIGHT=True, PRECISION=precision, BM=cfg.BM, BN=cfg.BN)
+    left, right = SIDES[sides]
+    const = dict(LEFT=left, RIGHT=right, PRECISION=precision, BM=cfg.BM, BN=cfg.BN)
     const.update(KP=kp, BK=min(kp, 64)) if reduce else const.update(BK=kp)
     if kernel_name.startswith("adamw"):
-        const.update(HYPER_ON_DEVICE=True, **({"READ_W": True} if reduce else {"HAS_WD": True}))
+        wd, on_device = flags
+        const.update(HYPER_ON_DEVICE=on_device, **({"READ_W": wd} if reduce else {"HAS_WD": True}))
     storage = {"D", "W", "G", "EXP_AVG", "EXP_AVG_SQ"}
     fp32_ptrs = {"U", "V", "CP", "DVP", "C", "DV", "HYPER"}
     floats = {"one_minus_beta1", "beta2", "one_minus_beta2", "grad_sign", "step_size", "bc2_sqrt", "eps", "lr_wd"}
@@ -104,8 +114,11 @@ def compile_one(args) -> dict:
     const.update({name: 1 for name in fn.arg_names if name in unit})
     aligned = storage | fp32_ptrs | {"M", "N", "K", "s0", "sw0", "sg0", "sm0", "sv0"}
     signature, attrs = {}, {}
+    storage_type = {name: DTYPES["fp32" if dtype == MIXED else dtype] for name in storage}
+    if dtype == MIXED:
+        storage_type["G"] = DTYPES["bf16"]
     for index, name in enumerate(fn.arg_names):
-        signature[name] = ("constexpr" if name in const else DTYPES[dtype] if name in storage else
+        signature[name] = ("constexpr" if name in const else storage_type[name] if name in storage else
                            "*fp32" if name in fp32_ptrs else "fp32" if name in floats else "i32")
         if name in aligned and name not in const:
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -114,11 +127,17 @@ def compile_one(args) -> dict:
         t0 = time.perf_counter()
         src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()}, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg))
         seconds = time.perf_counter() - t0
         regs, stack = _resource_usage(ck.asm["cubin"])
         out[arch] = dict(regs=regs, stack=stack, shared=ck.metadata.shared, seconds=seconds)
-    return dict(kernel=kernel_name, kp=kp, cfg=cfg, precision=precision, dtype=dtype, targets=out)
+    return dict(kernel=kernel_name, kp=kp, cfg=cfg, precision=precision, dtype=dtype, sides=sides,
+                flags=flag_text(flags), targets=out)
+
+
+def flag_text(flags) -> str:
+    """The report's flags cell: W (pass 1 reads W), S (scalars from device memory), '-' for each flag off."""
+    return "" if flags is None else f"{'W' if flags[0] else '-'}{'S' if flags[1] else '-'}"
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -143,13 +162,15 @@ def passes(row: dict) -> bool:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| kernel | k class | BM×BN, warps, stages | precision | dtype | sm_90 regs / stack B / smem B / s | "
-             "sm_80 regs / stack B / smem B / s | ok |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | k class | BM×BN, warps, stages | precision | dtype | sides | flags | "
+             "sm_90 regs / stack B / smem B / s | sm_80 regs / stack B / smem B / s | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["cfg"]
         cells = [f"{t['regs']} / {t['stack']} / {t['shared']} / {t['seconds']:.1f}" for t in r["targets"].values()]
         lines.append(f"| {r['kernel']} | {r['kp']} | {c.BM}×{c.BN}, {c.num_warps}, {c.num_stages} | {r['precision']} | "
-                     f"{r['dtype']} | {cells[0]} | {cells[1]} | {'yes' if passes(r) else '**NO**'} |")
+                     f"{r['dtype']} | {r['sides']} | {r['flags']} | {cells[0]} | {cells[1]} | "
+                     f"{'yes' if passes(r) else '**NO**'} |")
     return lines
 
 
@@ -180,8 +201,10 @@ def main(argv=None) -> int:
         "(`tests/test_kernels_sm90.py` fails while this file is stale).", "",
         "Each row: registers per thread / stack frame bytes (local memory: spills) / shared memory bytes / compile "
         "seconds. Limits: 255 registers, 0 stack bytes, shared memory ≤ 232,448 B (sm_90) and 166,912 B (sm_80). "
-        "Variants: both sides projected, AdamW pass 1 reading W, step scalars from device memory (the heaviest "
-        "of each config). k class: padded k of pass 1, K chunk of pass 2.", "",
+        "Every config passes ptxas a register cap of 255 (`maxnreg`; without it ptxas chose 32–128 registers and "
+        "spilled 8–24 B in 31 one-sided variants). "
+        "k class: padded k of pass 1, K chunk of pass 2. flags (AdamW): W = pass 1 reads W (else weight decay from "
+        "UᵀW and WV, or none), S = step scalars from device memory (else by value).", "",
         f"**{len(rows) - len(failed)} of {len(rows)} variants pass.**", "",
     ] + lines
     Path(args.out).write_text("\n".join(report) + "\n")

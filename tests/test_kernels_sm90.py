@@ -31,8 +31,8 @@ def _rows(text: str) -> dict:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[0].endswith(("reduce", "apply")):
-            rows[tuple(cells[:5])] = cells[5:]
+        if len(cells) == 10 and cells[0].endswith(("reduce", "apply")):
+            rows[tuple(cells[:7])] = cells[7:]
     return rows
 
 
@@ -45,8 +45,9 @@ def test_committed_report_is_current_and_every_shipped_config_passes():
         "run `python benchmarks/bench_kernels_sm90.py`"
     )
     rows = _rows(text)
-    for kernel, kp, cfg, precision, dtype in bench.variants():
-        key = (kernel, str(kp), f"{cfg.BM}×{cfg.BN}, {cfg.num_warps}, {cfg.num_stages}", precision, dtype)
+    for kernel, kp, cfg, precision, dtype, sides, flags in bench.variants():
+        key = (kernel, str(kp), f"{cfg.BM}×{cfg.BN}, {cfg.num_warps}, {cfg.num_stages}", precision, dtype, sides,
+               bench.flag_text(flags))
         assert key in rows, f"no compile result for {key}"
         *targets, ok = rows[key]
         assert ok == "yes", f"{key} fails: {targets}"
@@ -60,6 +61,6 @@ def test_one_variant_compiles_for_sm90_here():
     bench = _bench()
     from offprincipal.kernels._tiles import APPLY_CONFIGS
 
-    row = bench.compile_one(("project_apply", 16, APPLY_CONFIGS[16, "tf32x3"], "tf32x3", "fp32"))
+    row = bench.compile_one(("project_apply", 16, APPLY_CONFIGS[16, "tf32x3"], "tf32x3", "fp32", "both", None))
     assert bench.passes(row), row
     assert set(row["targets"]) == set(bench.TARGETS)
