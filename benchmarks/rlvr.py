@@ -425,6 +425,9 @@ def _suite_from(args) -> Suite:
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.methods:
+        unknown = sorted(set(args.methods) - set(METHODS))
+        if unknown:
+            raise SystemExit(f"rlvr: --methods {' '.join(unknown)}: not a method; choose from {', '.join(METHODS)}")
         overrides["methods"] = tuple(args.methods)
     if args.single_seeds is not None:
         overrides["single_seeds"] = args.single_seeds

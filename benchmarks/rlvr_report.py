@@ -36,7 +36,7 @@ METRICS = {
     "retention_task_delta": "Δ retention task",
 }
 PERCENT = {"accuracy_after", "accuracy_delta", "retention_task_delta"}
-LAYER_ARMS = ["full", "offprincipal-full", "offprincipal", "lora", "pissa", "sft"]
+LAYER_ARMS = ["full", "offprincipal-full", "offprincipal", "lora", "pissa", "sft"]  # methods of the registry
 REQUIRED = ("run_id", "arm", "role", "method")
 _K_ARM = re.compile(r"offprincipal k=(\d+)$")
 
@@ -259,6 +259,15 @@ def _reading(summary) -> str:
 # (arm, other arm): does the first forget less than the second at the same gain?
 FORGETTING_PAIRS = [("offprincipal", "lora"), ("offprincipal", "lora lr=0.001"), ("offprincipal", "full"),
                     ("offprincipal-full", "full")]
+
+
+def _arm_method(arm: str) -> str:
+    """The method of an arm name (``"lora lr=0.001"`` → ``lora``, ``"offprincipal k=8"`` → ``offprincipal``)."""
+    return arm.split(" ")[0]
+
+
+# the report names arms only as selections of the registry's methods
+assert {_arm_method(a) for pair in FORGETTING_PAIRS for a in pair} | set(LAYER_ARMS) <= set(METHODS), "unknown arm"
 
 
 def _has_retention(records) -> bool:

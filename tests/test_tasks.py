@@ -175,13 +175,18 @@ def test_evaluate_accuracy_tiny_model_runs(tokenizer):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_default_difficulty_calibrated_for_smollm2(smollm2_dir):
+@pytest.mark.parametrize("task, n, low, high", [
+    ("arithmetic", 40, 0.05, 0.6),  # a hard task with room to learn
+    ("capitals", 50, 0.3, 0.75),  # the retention task: decent already, room both ways
+])
+def test_task_difficulty_calibrated_for_smollm2(smollm2_dir, task, n, low, high):
+    """The base model's greedy accuracy on the first n held-out prompts lies in the range the task is meant for
+    (figures on all held-out prompts: benchmarks/results/design_figures.md, retention_task_calibration.md)."""
     from offprincipal.models import load_model
 
     model, tok = load_model(smollm2_dir)
-    accuracy = T.evaluate_accuracy(model, tok, T.get_task("arithmetic"), n=40, batch_size=40, max_new_tokens=48)
-    # The documented figure is 19.5 % on all 200 held-out prompts; 40 prompts keep the test short.
-    assert 0.05 <= accuracy <= 0.6, accuracy
+    accuracy = T.evaluate_accuracy(model, tok, T.get_task(task), n=n, batch_size=25, max_new_tokens=48)
+    assert low <= accuracy <= high, accuracy
 
 
 def test_rewards_plug_into_trl_grpo(tokenizer, tmp_path):
@@ -343,14 +348,3 @@ def test_jsonl_task_reports_every_bad_line_and_file_errors(tmp_path):
     assert len(T.get_task(two).rows("train")) == 1
     with pytest.raises(T.JsonlTaskError, match="too few"):
         T.get_task(two, n_test=2)
-
-
-@pytest.mark.real_model
-@pytest.mark.slow
-def test_capitals_calibrated_for_smollm2(smollm2_dir):
-    from offprincipal.models import load_model
-
-    model, tok = load_model(smollm2_dir)
-    accuracy = T.evaluate_accuracy(model, tok, T.get_task("capitals"), n=50, batch_size=25, max_new_tokens=48)
-    # Documented: 49 % on all 100 held-out prompts (benchmarks/results/retention_task_calibration.md).
-    assert 0.3 <= accuracy <= 0.75, accuracy
