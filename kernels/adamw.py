@@ -17,6 +17,10 @@ Without ``wd_terms``, pass 1 reads W (40 bytes per element).
 
 The step scalars (step_size, bc2_sqrt, lr_wd) may be Python numbers or 0-d tensors on the parameter's device
 (a capturable step: no host synchronisation, the values are read by the kernels at run time).
+
+Device-side skip (``ok``): a 0-d int32 tensor on the parameter's device, read by both kernels at run time. Where
+it is 0 the moments and the weight are not stored (pass 1 and pass 2 mask their stores), so W, m and v keep their
+values bit for bit; the partial sums are still formed and combined (all ranks run the same collectives).
 Torch reference: :func:`offprincipal.optim.adamw_update_` with backend="torch".
 """
 
@@ -49,6 +53,24 @@ def _load_scalars(HYPER, step_size, bc2_sqrt, lr_wd, HYPER_ON_DEVICE: tl.constex
 
 
 @triton.jit
+def _load_ok(OK, HAS_OK: tl.constexpr):
+    """The device flag OK (int32, nonzero = store this step's results) as an int32 scalar; 1 without HAS_OK."""
+    if HAS_OK:
+        ok = tl.load(OK)
+    else:
+        ok = 1
+    return ok
+
+
+@triton.jit
+def _store_mask(mask, ok, HAS_OK: tl.constexpr):
+    """``mask`` where the step stores (the flag ``ok`` nonzero), all false where it is skipped."""
+    if HAS_OK:
+        mask = mask & (tl.zeros_like(mask.to(tl.int32)) + ok != 0)
+    return mask
+
+
+@triton.jit
 def _adam_direction(m, v, step_size, bc2_sqrt, eps):
     """A = step_size·m / (√v/√bc2 + ε) (fp32), in torch AdamW's order of operations."""
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt) + eps
@@ -57,15 +79,17 @@ def _adam_direction(m, v, step_size, bc2_sqrt, eps):
 
 @triton.jit
 def _adamw_reduce_kernel(
-    W, G, EXP_AVG, EXP_AVG_SQ, U, V, CP, DVP, HYPER, M, N, K, RT, QT,
+    W, G, EXP_AVG, EXP_AVG_SQ, U, V, CP, DVP, HYPER, OK, M, N, K, RT, QT,
     sw0, sw1, sg0, sg1, sm0, sm1, sv0, sv1,
     one_minus_beta1, beta2, one_minus_beta2, grad_sign, step_size, bc2_sqrt, eps, lr_wd,
-    READ_W: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    READ_W: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr, HAS_OK: tl.constexpr, LEFT: tl.constexpr,
+    RIGHT: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     """Pass 1 over this program's rectangle of tiles: update and store the moments, reduce UᵀD and DV of the
-    update (of A alone unless READ_W: the weight-decay part is then added on the host)."""
+    update (of A alone unless READ_W: the weight-decay part is then added on the host). With HAS_OK, the moments
+    are stored only where the device flag OK is nonzero."""
     step_size, bc2_sqrt, lr_wd = _load_scalars(HYPER, step_size, bc2_sqrt, lr_wd, HYPER_ON_DEVICE)
+    ok = _load_ok(OK, HAS_OK)
     r, q, i0, i1, j0, j1 = rectangle(M, N, RT, QT, BM, BN)
     for j in range(j0, j1):
         cols, col_mask = span(j, N, BN)
@@ -78,8 +102,9 @@ def _adamw_reduce_kernel(
             v = load_tile(EXP_AVG_SQ, rows, cols, mask, sv0, sv1)
             m = m + one_minus_beta1 * (g - m)
             v = v * beta2 + one_minus_beta2 * (g * g)
-            store_tile(EXP_AVG, m, rows, cols, mask, sm0, sm1)
-            store_tile(EXP_AVG_SQ, v, rows, cols, mask, sv0, sv1)
+            keep = _store_mask(mask, ok, HAS_OK)
+            store_tile(EXP_AVG, m, rows, cols, keep, sm0, sm1)
+            store_tile(EXP_AVG_SQ, v, rows, cols, keep, sv0, sv1)
             m = m.to(EXP_AVG.dtype.element_ty).to(tl.float32)  # the values pass 2 will read back
             v = v.to(EXP_AVG_SQ.dtype.element_ty).to(tl.float32)
             d = _adam_direction(m, v, step_size, bc2_sqrt, eps)
@@ -94,14 +119,16 @@ def _adamw_reduce_kernel(
 
 @triton.jit
 def _adamw_apply_kernel(
-    W, EXP_AVG, EXP_AVG_SQ, U, V, C, DV, HYPER, M, N, K,
+    W, EXP_AVG, EXP_AVG_SQ, U, V, C, DV, HYPER, OK, M, N, K,
     sw0, sw1, sm0, sm1, sv0, sv1,
     step_size, bc2_sqrt, eps, lr_wd,
-    HAS_WD: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    HAS_WD: tl.constexpr, HYPER_ON_DEVICE: tl.constexpr, HAS_OK: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
     BK: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """Pass 2: recompute D from the stored moments, W ← W − (D − U C' − (DV) Vᵀ)."""
+    """Pass 2: recompute D from the stored moments, W ← W − (D − U C' − (DV) Vᵀ) (stored only where the device
+    flag OK is nonzero, with HAS_OK)."""
     step_size, bc2_sqrt, lr_wd = _load_scalars(HYPER, step_size, bc2_sqrt, lr_wd, HYPER_ON_DEVICE)
+    ok = _load_ok(OK, HAS_OK)
     rows, cols, row_mask, col_mask = tile_indices(M, N, BM, BN)
     mask = row_mask[:, None] & col_mask[None, :]
     w = load_tile(W, rows, cols, mask, sw0, sw1)
@@ -111,7 +138,7 @@ def _adamw_apply_kernel(
     if HAS_WD:
         d = d + lr_wd * w
     d = apply_tile(d, rows, cols, row_mask, col_mask, U, V, C, DV, N, K, LEFT, RIGHT, BM, BN, BK, PRECISION)
-    store_tile(W, w - d, rows, cols, mask, sw0, sw1)
+    store_tile(W, w - d, rows, cols, _store_mask(mask, ok, HAS_OK), sw0, sw1)
 
 
 def _scalars(values: tuple, device: torch.device):
@@ -161,6 +188,7 @@ def projected_adamw_step_(
     all_reduce: Optional[AllReduce] = None,
     precision: str = DEFAULT_PRECISION,
     wd_terms: Optional[tuple] = None,
+    ok: Optional[torch.Tensor] = None,
 ) -> None:
     """One fused projected-AdamW step on a 2-D ``param`` (m, n), in place on param, exp_avg, exp_avg_sq.
 
@@ -171,7 +199,9 @@ def projected_adamw_step_(
     weight decay. ``wd_terms``: (UᵀW, WV) from :func:`wd_terms` (None entries for an unprojected side): pass 1
     then does not read W. ``all_reduce``: the tensors are row shards and UᵀD is summed over the shards between
     the passes (``wd_terms``' UᵀW is then the full sum, its WV the local rows). Launches on param's device and
-    current stream. Deterministic: the same inputs on the same device give bit-identical results.
+    current stream. Deterministic: the same inputs on the same device give bit-identical results. ``ok``: a
+    one-element tensor on param's device (any dtype; read at run time, no host synchronisation): where it is 0
+    the step stores nothing (param, exp_avg and exp_avg_sq keep their values bit for bit); None always steps.
     """
     check_sides(sides)
     for what, t in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -184,10 +214,19 @@ def projected_adamw_step_(
     read_w = has_wd and wd_terms is None
     with on_device(param):
         hyper, (step_size, bc2_sqrt, lr_wd), on_dev = _scalars((step_size, bc2_sqrt, lr_wd), param.device)
-        scalars = dict(step_size=step_size, bc2_sqrt=bc2_sqrt, eps=eps, lr_wd=lr_wd, HYPER_ON_DEVICE=on_dev)
+        scalars = dict(step_size=step_size, bc2_sqrt=bc2_sqrt, eps=eps, lr_wd=lr_wd, HYPER_ON_DEVICE=on_dev,
+                       HAS_OK=ok is not None)
+        if ok is None:
+            ok_flag = hyper  # placeholder pointer, never read
+        else:
+            if ok.numel() != 1 or ok.device != param.device:
+                raise ValueError(f"ok must be a one-element tensor on {param.device}; "
+                                 f"got shape {tuple(ok.shape)} on {ok.device}")
+            ok_flag = ok.reshape(1) if ok.dtype == torch.int32 else ok.reshape(1).to(torch.int32)
         if param.numel():
             _adamw_reduce_kernel[bases.reduce_grid()](
-                param, grad, exp_avg, exp_avg_sq, *bases.reduce_args(), hyper, m, n, bases.k, bases.RT, bases.QT,
+                param, grad, exp_avg, exp_avg_sq, *bases.reduce_args(), hyper, ok_flag, m, n, bases.k, bases.RT,
+                bases.QT,
                 *param.stride(), *grad.stride(), *exp_avg.stride(), *exp_avg_sq.stride(),
                 one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
                 grad_sign=-1.0 if maximize else 1.0, READ_W=read_w, **scalars, **bases.reduce_constexprs(),
@@ -201,7 +240,7 @@ def projected_adamw_step_(
         bases.combine_(all_reduce, extra_c, extra_dv)
         if param.numel():
             _adamw_apply_kernel[bases.apply_grid()](
-                param, exp_avg, exp_avg_sq, *bases.apply_args(), hyper, m, n, bases.k,
+                param, exp_avg, exp_avg_sq, *bases.apply_args(), hyper, ok_flag, m, n, bases.k,
                 *param.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), HAS_WD=has_wd, **scalars,
                 **bases.apply_constexprs(),
             )

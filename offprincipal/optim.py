@@ -31,7 +31,9 @@ What is checked (nothing is trusted because of its name or key):
 - parameter names are unique; ``add_param_group`` takes named parameters only and gives them bases;
 - non-finite updates: a projected matrix whose gradient has a NaN or inf entry does not step (a
   ``RuntimeWarning`` names it; weight, moments and step count stay as they were), since projecting a NaN
-  update would spread it over the whole matrix. Unprojected parameters follow torch AdamW (entrywise).
+  update would spread it over the whole matrix. The check and the skip run on the device (no host
+  synchronisation in ``step()``); on CUDA the warning comes at a later step or from ``report_nonfinite()``.
+  Unprojected parameters follow torch AdamW (entrywise).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def adamw_update_(
     backend: str = "auto",
     precision: str = DEFAULT_PRECISION,
     wd_terms=None,
+    ok: Optional[torch.Tensor] = None,
 ) -> None:
     """One projected AdamW step on a 2-D parameter (m, n), in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
 
@@ -132,7 +135,10 @@ def adamw_update_(
     fused Triton step for CUDA tensors, the torch code below otherwise. ``precision``: fp32 product precision
     (see ``offprincipal._sides``). ``step`` and ``lr`` may be 0-d device tensors (no host synchronisation).
     ``wd_terms``: (UᵀW, WV) of the weight (``offprincipal.kernels.wd_terms``), fixed under off-principal updates:
-    the fused step then does not read W in its first pass.
+    the fused step then does not read W in its first pass. ``ok``: a one-element tensor on the parameter's device
+    (a device-side skip: no host synchronisation); where it is 0, ``param``, ``exp_avg`` and ``exp_avg_sq`` keep
+    their values bit for bit (the torch code selects the old values, the fused kernels do not store); where it
+    is nonzero the step is bit-identical to ``ok=None``.
     """
     step_size, bc2_sqrt, lr_wd = adam_scalars(step, lr, beta1, beta2, weight_decay)
     if sides is not None and resolve_backend(backend, param, "param") == "triton":
@@ -141,20 +147,27 @@ def adamw_update_(
         kernels.projected_adamw_step_(
             param, grad, exp_avg, exp_avg_sq, U, V, sides, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size,
             bc2_sqrt=bc2_sqrt, lr_wd=lr_wd, maximize=maximize, all_reduce=all_reduce, precision=precision,
-            wd_terms=wd_terms,
+            wd_terms=wd_terms, ok=ok,
         )
         return
     with torch.no_grad():
         g = grad.float()
         if maximize:
             g = -g
-        m, v = exp_avg.float(), exp_avg_sq.float()  # the tensors themselves when fp32
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if m is not exp_avg:
-            exp_avg.copy_(m)
-        if v is not exp_avg_sq:
-            exp_avg_sq.copy_(v)
+        keep = None if ok is None else ok.reshape(()) != 0
+        if keep is None:
+            m, v = exp_avg.float(), exp_avg_sq.float()  # the tensors themselves when fp32
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if m is not exp_avg:
+                exp_avg.copy_(m)
+            if v is not exp_avg_sq:
+                exp_avg_sq.copy_(v)
+        else:  # the same arithmetic out of place, then the old values where the step is skipped
+            m = exp_avg.float().lerp(g, 1 - beta1)
+            v = exp_avg_sq.float().mul(beta2).addcmul_(g, g, value=1 - beta2)
+            exp_avg.copy_(torch.where(keep, m, exp_avg))
+            exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
         denom = exp_avg_sq.float().sqrt().div_(bc2_sqrt).add_(eps)
         D = exp_avg.float().mul(step_size).div_(denom)
         if torch.is_tensor(lr_wd):
@@ -163,7 +176,10 @@ def adamw_update_(
             D.add_(param.float(), alpha=lr_wd)
         if sides is not None:
             project_(D, U, V, sides, backend="torch", all_reduce=all_reduce, precision=precision)
-        param.sub_(D)
+        if keep is None:
+            param.sub_(D)
+        else:
+            param.copy_(torch.where(keep, param - D, param))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,9 +542,17 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
     a k×n matrix per projected weight (left side). DeepSpeed ZeRO is refused (use the adapter form).
 
     Non-finite policy: a projected weight whose gradient has a NaN or inf entry skips its step (weight, moments
-    and step count unchanged) with a ``RuntimeWarning`` naming it; checking costs one extra read of the
-    projected gradients and one host synchronisation per param group and step (under FSDP2, one small
-    all-reduce so every rank skips the same weights).
+    and step count unchanged) with a ``RuntimeWarning`` naming it. The check and the skip run on the device,
+    without a host synchronisation: one batched max-|g| reduction per param group (``torch._foreach_norm`` with
+    ord ∞: one extra read of the projected gradients; under FSDP2 one small all-reduce of the flags, a device
+    tensor, so every rank skips the same weights) gives a flag per weight, and the update keeps the old values
+    where the flag is 0 (the fused kernels mask their stores; the torch code selects the old values; the step
+    count adds the flag). The projected weights' step counts therefore live on the parameter's device.
+
+    When the warning appears: for CPU parameters, during the step that skipped. For CUDA parameters the flags
+    are copied asynchronously to pinned host memory behind a CUDA event, and the warning is emitted at the
+    beginning of a later ``step()`` once that event has completed (pending otherwise), or by
+    :meth:`report_nonfinite`, which waits for the copies. Unprojected parameters follow torch AdamW.
     """
 
     def __init__(
@@ -558,26 +582,70 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
         self._wd_cache: dict = {}
         self.master_weights = master_weights
         self.bases = PrincipalBases.build("OffPrincipalAdamW", named, options, subspaces)
+        self._nonfinite_pending: list = []  # (CUDA event or None, host flags, names), oldest first
+        self._defer_nonfinite: Optional[bool] = None  # None: defer on CUDA only; True: also on CPU (tests)
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        """torch AdamW's lazy state (same keys, dtypes and devices), plus the fp32 master copy when enabled."""
+    def _init_state(self, p: torch.Tensor, group: dict, step_on_device: bool = False) -> dict:
+        """torch AdamW's lazy state (same keys, dtypes and devices), plus the fp32 master copy when enabled.
+        ``step_on_device``: the step count lives on the parameter's device (projected weights: it is advanced by
+        a device-side flag), as in torch's capturable AdamW; a count loaded elsewhere is moved there once."""
         state = self.state[p]
         if not state:
             state["step"] = (
                 torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
-                if group["fused"] else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                if group["fused"] or step_on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
             )
             target = p
             if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
                 target = state["master_param"] = p.detach().to(torch.float32, copy=True)
             state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+        elif step_on_device and state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device)
         return state
+
+    def report_nonfinite(self) -> list[str]:
+        """Wait for the pending non-finite flags (a host synchronisation on CUDA), emit one ``RuntimeWarning`` per
+        skipped weight and step not reported yet, and return those weights' names (oldest step first)."""
+        return self._report_nonfinite(wait=True)
+
+    def _report_nonfinite(self, wait: bool) -> list[str]:
+        """Warn for the pending flags whose copy has completed (all of them with ``wait``), in step order."""
+        skipped = []
+        while self._nonfinite_pending:
+            event, host, names = self._nonfinite_pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    break
+                event.synchronize()
+            self._nonfinite_pending.pop(0)
+            for name, flag in zip(names, host.numpy().tolist()):  # host memory: no device read
+                if not flag:
+                    skipped.append(name)
+                    _warn_nonfinite("OffPrincipalAdamW", name,
+                                    "its step is skipped: weight, moments and step count unchanged")
+        return skipped
+
+    def _record_nonfinite(self, flags: torch.Tensor, names: list[str]) -> None:
+        """Queue the device flags of one group's step for reporting (CUDA: asynchronous copy to pinned memory
+        behind an event; CPU: reported now unless deferral is forced)."""
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._nonfinite_pending.append((event, host, names))
+        else:
+            self._nonfinite_pending.append((None, flags.clone(), names))
+            if not self._defer_nonfinite:
+                self._report_nonfinite(wait=True)
 
     @torch.no_grad()
     def step(self, closure=None):
         """One step over every parameter with a gradient (parameters whose ``grad`` is None are skipped)."""
         loss = None
+        if self._nonfinite_pending:
+            self._report_nonfinite(wait=False)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -593,7 +661,7 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"OffPrincipalAdamW does not support sparse gradients ({name!r})")
-                state = self._init_state(p, group)
+                state = self._init_state(p, group, step_on_device=name in self.bases)
                 target = state.get("master_param", p)
                 grad = p.grad if p.grad.dtype == target.dtype else p.grad.to(target.dtype)
                 if "master_param" in state:
@@ -611,22 +679,24 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
                     foreach=group["foreach"], fused=group["fused"], capturable=False, differentiable=False,
                     has_complex=any(torch.is_complex(t) for t in plain[0]), decoupled_weight_decay=True,
                 )
-            finite = _finite_flags([grad for _, _, grad, _ in projected])
-            for (name, target, grad, state), ok in zip(projected, finite):
-                if not ok:
-                    _warn_nonfinite("OffPrincipalAdamW", name, "its step is skipped: weight, moments and step count unchanged")
-                    continue
-                state["step"] += 1
+            if not projected:
+                continue
+            finite = _finite_device_flags([grad for _, _, grad, _ in projected])  # int32, 1 = finite
+            for i, (name, target, grad, state) in enumerate(projected):
+                ok = finite[i]  # a 0-d view on the device: the skip is decided there
+                step = state["step"]
+                step.add_(ok)
                 shard, U, V = self.bases.local(name, target)
-                step, lr = state["step"], group["lr"]  # device tensors stay there: no host synchronisation
+                lr = group["lr"]  # tensors stay tensors: no host synchronisation
                 adamw_update_(
                     shard.local, _local(grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                    step if step.is_cuda else float(step), U, V, self.sides,
-                    lr=lr if torch.is_tensor(lr) and lr.is_cuda else float(lr), beta1=float(beta1),
-                    beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
-                    maximize=group["maximize"], all_reduce=shard.all_reduce, backend=self.backend,
-                    precision=self.precision, wd_terms=self._wd_terms(name, shard, U, V, group["weight_decay"]),
+                    step if step.is_cuda else step.double(), U, V, self.sides,
+                    lr=lr, beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"], all_reduce=shard.all_reduce,
+                    backend=self.backend, precision=self.precision,
+                    wd_terms=self._wd_terms(name, shard, U, V, group["weight_decay"]), ok=ok,
                 )
+            self._record_nonfinite(finite, [name for name, *_ in projected])
             for p, master in mastered:
                 p.copy_(master)
         return loss
@@ -783,6 +853,30 @@ def _finite_flags(tensors: list[torch.Tensor], sharded: Optional[bool] = None) -
     if sharded:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     return [bool(f) for f in flags.tolist()]
+
+
+def _finite_device_flags(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """For each tensor, 1 (int32) if every entry is finite, else 0: one batched max-|x| reduction
+    (``torch._foreach_norm``, ord ∞, which propagates NaN and inf) on the tensors' device, no host
+    synchronisation. Row shards (DTensors) are agreed over the ranks with one all-reduce (MIN) of the flags as
+    a device tensor. An empty shard counts as finite."""
+    locals_ = [_local(t) for t in tensors]
+    sharded = any(loc is not t for loc, t in zip(locals_, tensors))
+    device = locals_[0].device
+    nonempty = [loc for loc in locals_ if loc.numel()]
+    if len(nonempty) == len(locals_):
+        flags = torch.isfinite(torch.stack(torch._foreach_norm(locals_, float("inf"), dtype=torch.float32)))
+    else:
+        norms = iter(torch._foreach_norm(nonempty, float("inf"), dtype=torch.float32) if nonempty else [])
+        zero = torch.zeros((), device=device)
+        flags = torch.isfinite(torch.stack([next(norms) if loc.numel() else zero for loc in locals_]))
+    flags = flags.to(torch.int32)
+    if sharded:
+        comm = comm_device()
+        flags = flags.to(comm)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        flags = flags.to(device)
+    return flags
 
 
 def _warn_nonfinite(owner: str, name: str, what: str) -> None:

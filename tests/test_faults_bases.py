@@ -9,6 +9,7 @@ accepted until step().
 from __future__ import annotations
 
 import io
+import warnings
 import logging
 import struct
 
@@ -271,6 +272,105 @@ def test_one_nan_gradient_entry_skips_that_matrix_step_with_a_warning():
         assert torch.equal(opt.state[model.up.weight][key], value), key
     assert not torch.equal(model.down.weight, before["down.weight"]), "other weights still step"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_skipped_matrix_leaves_the_other_matrices_steps_bit_identical():
+    """The device-side skip selects per matrix: the other projected and the plain parameters step exactly as in
+    a run where the skipped matrix had no gradient at all."""
+    runs = []
+    for poison in (True, False):
+        model = make()
+        opt = OffPrincipalAdamW(model.named_parameters(), lr=1e-2, top_k=4, progress=False)
+        gen = torch.Generator().manual_seed(0)
+        train(model, opt, gen, 2)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        if poison:
+            model.up.weight.grad[3, 5] = float("inf")
+            with pytest.warns(RuntimeWarning, match="up.weight"):
+                opt.step()
+        else:
+            model.up.weight.grad = None
+            opt.step()
+        runs.append((model, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+        if name != "up.weight":
+            for key, value in opt_a.state[p].items():
+                assert torch.equal(value, opt_b.state[q][key]), (name, key)
+    assert torch.equal(opt_a.state[a.up.weight]["step"], torch.tensor(2.0))
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "cpu")
+
+
+def _forbid_host_syncs(monkeypatch):
+    def forbidden(name):
+        def raiser(self, *args, **kwargs):
+            raise AssertionError(f"step() called Tensor.{name}")
+        return raiser
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+
+
+@pytest.mark.parametrize("report", ["next_step", "report_nonfinite"])
+def test_deferred_nonfinite_report_has_no_host_sync_in_step(monkeypatch, report):
+    """With the deferred report forced (as on CUDA), step() reads nothing back from the tensors (every host-read
+    method raises during it), still skips the poisoned matrix, and the warning appears at the beginning of the
+    next step() or at report_nonfinite(). Only projected weights get gradients here: torch's own (non-capturable)
+    AdamW code for plain parameters reads its step count with .item()."""
+    model = make()
+    opt = OffPrincipalAdamW(model.named_parameters(), lr=1e-2, top_k=4, progress=False)
+    opt._defer_nonfinite = True
+    gen = torch.Generator().manual_seed(0)
+    projected = [model.up.weight, model.down.weight]
+
+    def grads(nan):
+        for p in projected:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if nan:
+            model.up.weight.grad[3, 5] = float("nan")
+
+    grads(False)
+    opt.step()
+    before = model.up.weight.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[model.up.weight].items()}
+    down_before = model.down.weight.detach().clone()
+    grads(True)
+    with monkeypatch.context() as patch:
+        _forbid_host_syncs(patch)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            opt.step()
+        assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], "the report is deferred"
+        assert torch.equal(model.up.weight, before)
+        for key, value in moments.items():
+            assert torch.equal(opt.state[model.up.weight][key], value), key
+        assert not torch.equal(model.down.weight, down_before), "the other matrix steps"
+        if report == "next_step":
+            grads(False)
+            with pytest.warns(RuntimeWarning, match="up.weight"):
+                opt.step()
+            assert not torch.equal(model.up.weight, before), "a finite gradient steps again"
+    if report == "report_nonfinite":
+        with pytest.warns(RuntimeWarning, match="up.weight"):
+            assert opt.report_nonfinite() == ["up.weight"]
+    assert opt.report_nonfinite() == [], "each skip is reported once"
+
+
+def test_nonfinite_on_cpu_warns_during_the_step():
+    model = make()
+    opt = OffPrincipalAdamW(model.named_parameters(), lr=1e-2, top_k=4, progress=False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model.down.weight.grad[0, 0] = float("-inf")
+    with pytest.warns(RuntimeWarning, match="down.weight"):
+        opt.step()
+    assert opt.report_nonfinite() == [], "already reported"
+    assert torch.equal(opt.state[model.down.weight]["step"], torch.tensor(0.0))
+    assert torch.equal(opt.state[model.up.weight]["step"], torch.tensor(1.0))
 
 
 def test_wrapper_restores_a_matrix_whose_update_is_not_finite():

@@ -33,7 +33,7 @@ if not ON_GPU and not INTERPRETED:
 
 else:
     from offprincipal import kernels
-    from offprincipal.optim import adamw_update_
+    from offprincipal.optim import OffPrincipalAdamW, adamw_update_
     from offprincipal.projection import principal_leak, project, project_
 
     DEVICE = "cuda" if ON_GPU else "cpu"
@@ -289,6 +289,69 @@ else:
         # loses ~eps/(1 − β2ᵗ) ≈ 3e-5 relative at t = 2
         change = (runs[0] - W).abs().max().item()
         assert_within(runs[1] - W, runs[0] - W, 1e-4 * change, "tensor vs number scalars")
+
+    @pytest.mark.parametrize("backend", ["triton", "torch"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_device_flag_skips_or_steps_the_update(dtype, backend):
+        """adamw_update_(ok=...): a 0 flag (a device tensor, read at run time) leaves weight and moments bit for
+        bit; a 1 flag is bit-identical to no flag. Both with weight decay from (UᵀW, WV) and read from W."""
+        gen = torch.Generator().manual_seed(9)
+        U, V = bases(37, 53, 5, gen)
+        W = (0.02 * torch.randn(37, 53, generator=gen)).to(DEVICE, dtype)
+        hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend=backend)
+        start = [W.clone(), torch.zeros_like(W), torch.zeros_like(W)]
+        adamw_update_(*start[:1], torch.randn(37, 53, generator=gen).to(DEVICE, dtype), *start[1:], 1, U, V, "both",
+                      **hyper)
+        grad = torch.randn(37, 53, generator=gen).to(DEVICE, dtype)
+        grad[3, 5] = float("nan")  # what a skipped step sees
+        wd = kernels.wd_terms(start[0], U, V, "both") if backend == "triton" else None
+        for terms in (None, wd) if backend == "triton" else (None,):
+            for flag in (None, 0, 1):
+                ours = [t.clone() for t in start]
+                g = grad if flag == 0 else torch.nan_to_num(grad)
+                ok = None if flag is None else torch.tensor(flag, dtype=torch.int32, device=DEVICE)
+                adamw_update_(ours[0], g, ours[1], ours[2], 2, U, V, "both", wd_terms=terms, ok=ok, **hyper)
+                if flag == 0:
+                    for name, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), ours, start):
+                        assert torch.equal(a, b), f"{backend} {dtype}: {name} changed by a skipped step"
+                elif flag is None:
+                    stepped = ours
+                else:
+                    for name, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), ours, stepped):
+                        assert torch.equal(a, b), f"{backend} {dtype}: {name} differs with ok=1"
+
+    def test_optimizer_skips_a_nonfinite_matrix_on_the_fused_path():
+        """OffPrincipalAdamW(backend="triton"): a NaN in one matrix's gradient leaves that weight, its moments and
+        step count bit for bit, the other matrix steps exactly as without the poisoned one, and the skip is
+        reported (during the step on CPU, by report_nonfinite() on CUDA)."""
+        gen = torch.Generator().manual_seed(5)
+        W0 = {name: (0.02 * torch.randn(40, 30, generator=gen)).to(DEVICE) for name in ("a", "b")}
+        grads = [{name: torch.randn(40, 30, generator=gen).to(DEVICE) for name in W0} for _ in range(2)]
+        runs = []
+        for poison in (True, False):
+            params = {name: torch.nn.Parameter(w.clone()) for name, w in W0.items()}
+            opt = OffPrincipalAdamW(list(params.items()), lr=1e-2, weight_decay=0.1, top_k=3, cache_dir=False,
+                                    progress=False, backend="triton")
+            for name, p in params.items():
+                p.grad = grads[0][name].clone()
+            opt.step()
+            before = {k: v.clone() for k, v in opt.state[params["a"]].items()}
+            weight_a = params["a"].detach().clone()
+            params["b"].grad = grads[1]["b"].clone()
+            if poison:
+                params["a"].grad = grads[1]["a"].clone()
+                params["a"].grad[7, 11] = float("nan")
+                with pytest.warns(RuntimeWarning, match="'a'"):
+                    opt.step()
+                    opt.report_nonfinite()
+                assert torch.equal(params["a"], weight_a)
+                for key, value in before.items():
+                    assert torch.equal(opt.state[params["a"]][key], value), key
+            else:
+                params["a"].grad = None
+                opt.step()
+            runs.append(params["b"].detach().clone())
+        assert torch.equal(runs[0], runs[1]), "the other matrix steps as without the skipped one"
 
     def test_optimizer_precision_and_weight_decay_on_the_fused_path():
         """OffPrincipalAdamW(backend="triton", precision=...) with weight decay (its cached (UᵀW, WV)) follows the
