@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# benchmarks/kernels.py must not pass for Hugging Face's `kernels` package, which transformers probes on import
-
 ARMS = ("lora", "offprincipal", "osf")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
