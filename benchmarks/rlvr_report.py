@@ -303,6 +303,8 @@ def _forgetting_verdict(summary, a: str, b: str) -> str | None:
         text += (f"; retention task {_value(task['diff'], 'retention_task_delta', '+')}"
                  f"{'' if task['se'] is None else ' ± ' + _value(task['se'], 'retention_task_delta')} pp "
                  f"({task['verdict']})")
+    if "single seed" in gain["verdict"] or "single seed" in drift["verdict"]:
+        return text + ". One seed on a side: no error bars yet, so no verdict on forgetting."
     if gain["verdict"] == "beyond 1 SE":
         return text + ". The gains differ, so the drifts are not compared at equal gain."
     if drift["verdict"] != "beyond 1 SE":
@@ -319,7 +321,8 @@ def _forgetting_section(records, summary, plots: Path) -> str | None:
         return None
     parts = ["## Gain against forgetting",
              "Gain: held-out accuracy after training minus the base model's. Forgetting: the NLL drift of the base "
-             "model's own greedy answers to 64 general prompts (tuned minus base, nats per answer token; 0 = the "
+             f"model's own greedy answers to {_distinct(records, 'retention_prompts')} general prompts (tuned minus "
+             "base, nats per answer token; 0 = the "
              "base behaviour kept exactly), and the change of accuracy on a second task the runs do not train on. "
              "Mean ± SE over seeds.", _forgetting_table(summary)]
     scatter = _plot_gain_forgetting(records, plots / "gain_vs_forgetting.png")
