@@ -104,7 +104,8 @@ def compile_one(args) -> dict:
     const.update(KP=kp, BK=min(kp, 64)) if reduce else const.update(BK=kp)
     if kernel_name.startswith("adamw"):
         wd, on_device = flags
-        const.update(HYPER_ON_DEVICE=on_device, **({"READ_W": wd} if reduce else {"HAS_WD": True}))
+        # HAS_OK: OffPrincipalAdamW always passes its device flag of finite gradients (the non-finite skip)
+        const.update(HYPER_ON_DEVICE=on_device, HAS_OK=True, **({"READ_W": wd} if reduce else {"HAS_WD": True}))
     storage = {"D", "W", "G", "EXP_AVG", "EXP_AVG_SQ"}
     fp32_ptrs = {"U", "V", "CP", "DVP", "C", "DV", "HYPER"}
     floats = {"one_minus_beta1", "beta2", "one_minus_beta2", "grad_sign", "step_size", "bc2_sqrt", "eps", "lr_wd"}
@@ -119,7 +120,8 @@ def compile_one(args) -> dict:
         storage_type["G"] = DTYPES["bf16"]
     for index, name in enumerate(fn.arg_names):
         signature[name] = ("constexpr" if name in const else storage_type[name] if name in storage else
-                           "*fp32" if name in fp32_ptrs else "fp32" if name in floats else "i32")
+                           "*fp32" if name in fp32_ptrs else "*i32" if name == "OK" else "fp32" if name in floats
+                           else "i32")
         if name in aligned and name not in const:
             attrs[(index,)] = [["tt.divisibility", 16]]
     out = {}
