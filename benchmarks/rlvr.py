@@ -317,14 +317,14 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _device(suite: Suite, workers: int, threads: int) -> str:
     """The machine (the load average of each run is in its record's ``load_average``)."""
-    import platform
-
     if suite.device == "cuda":
         import torch
 
         machine = torch.cuda.get_device_name()
     else:
-        machine = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, no GPU"
+        from offprincipal.hardware import cpu_name
+
+        machine = f"{cpu_name()} CPU, {os.cpu_count()} cores, no GPU"
     return f"{machine}; {workers} concurrent run(s), {threads} torch thread(s) each"
 
 
