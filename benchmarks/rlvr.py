@@ -70,6 +70,10 @@ class Suite:
     # the multi-seed methods, in the order each seed runs them (a suite cut short has the first ones done)
     methods: tuple = MULTI_SEED
     first: tuple = ()  # arms run (all their seeds) before every other arm
+    # stability sweep: method → rates, each at seeds 0 … stability_seeds-1 (a run the comparison already has at the
+    # same method, rate, seed and top-k is not repeated); the report tabulates every record by (method, rate)
+    stability: dict = field(default_factory=dict)
+    stability_seeds: int = 2
     retention: bool = False  # forgetting measured in every run (the committed 16-step suite predates it)
 
     def settings(self) -> dict:
@@ -89,10 +93,15 @@ class RunSpec:
     arm: str
     sweep: bool = False  # part of the learning-rate sweep (seed 0 of a swept method)
     fixed_lr: bool = False  # an arm of Suite.fixed_lr (its own run ids: seed 0 may repeat a sweep run, on purpose)
+    stability: bool = False  # a run of the stability sweep (Suite.stability) that the comparison does not have
 
     @property
     def run_id(self) -> str:
         return f"{self.method}-k{self.top_k}-lr{self.lr:g}-s{self.seed}" + ("-fixed" if self.fixed_lr else "")
+
+    @property
+    def role(self) -> str:
+        return "stability" if self.stability else "main"
 
 
 class Paths:
@@ -167,18 +176,26 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     for method, lr in suite.fixed_lr:
         specs += [RunSpec(method, seed, lr, suite.top_k, f"{method} lr={lr:g}", fixed_lr=True)
                   for seed in range(suite.seeds)]
+    planned = {(s.method, s.seed, s.lr, s.top_k) for s in specs}
+    for seed in range(suite.stability_seeds):
+        for method, lrs in suite.stability.items():
+            specs += [RunSpec(method, seed, lr, suite.top_k, f"{method} lr={lr:g}", stability=True) for lr in lrs
+                      if (method, seed, lr, suite.top_k) not in planned]
     unique = {}
     for spec in specs:
         unique.setdefault(spec.run_id, spec)
     # seed-major: a suite cut short (or extended with more seeds) has every arm at about the same number of seeds;
-    # within a seed, the order of Suite.methods (then the fixed-rate arms, then the rest); Suite.first arms go first
-    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.arm not in suite.first, spec.seed))
+    # within a seed, the order of Suite.methods (then the fixed-rate arms, then the rest); Suite.first arms go first,
+    # the stability sweep last
+    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.stability, spec.arm not in suite.first,
+                                                     spec.seed))
 
 
 def role(spec: RunSpec, chosen: dict[str, dict]) -> str:
-    """"main" for a run of the comparison, "sweep" for a sweep run at a rate that was not chosen (or not yet)."""
+    """"main" for a run of the comparison, "sweep" for a sweep run at a rate that was not chosen (or not yet),
+    "stability" for a run of the stability sweep only."""
     if not spec.sweep:
-        return "main"
+        return spec.role
     return "main" if spec.method in chosen and chosen[spec.method]["lr"] == spec.lr else "sweep"
 
 
@@ -275,10 +292,11 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
         "precision": run["precision"], "precision_reason": run["precision_reason"],
         "reward_first": run.get("reward_first_fifth"), "reward_last": run.get("reward_last_fifth"),
         "reward_curve": rewards, "loss_curve": [r.get("loss") for r in logs],
+        "grad_norm_curve": [r.get("grad_norm") for r in logs], "entropy_curve": [r.get("entropy") for r in logs],
         "step_time_s": _mean([r["step_time"] for r in logs[1:]] or [r["step_time"] for r in logs]),
         "train_seconds": run["train_seconds"], "peak_mem_mb": run["peak_memory_mb"],
         "trainable_params": run["trainable_params"],
-        "nss_mean": metrics["mean_nss"],
+        "nss_mean": metrics["mean_nss"], "update_rel_mean": metrics.get("mean_update_rel"),
         "max_angle_mean": _mean([metrics["mean_max_angle_left"], metrics["mean_max_angle_right"]]),
         "bf16_sparsity": metrics["update_sparsity"], "overlap_principal": metrics["mean_overlap_principal"],
         "overlap_lowmag": metrics["mean_overlap_low_magnitude"],
@@ -346,7 +364,8 @@ def _update_roles(suite: Suite, paths: Paths, chosen: dict) -> None:
     for run_id, record in paths.done().items():
         spec = RunSpec(record["method"], record["seed"], record["lr"], record["top_k"], record["arm"],
                        sweep=record["method"] in suite.sweep and record["arm"] == record["method"]
-                       and record["seed"] == 0 and record["top_k"] == suite.top_k)
+                       and record["seed"] == 0 and record["top_k"] == suite.top_k,
+                       stability=record["role"] == "stability")
         if record["role"] != role(spec, chosen):
             _write_json(paths.record(run_id), {**record, "role": role(spec, chosen)})
 
@@ -415,6 +434,20 @@ def run_suite(suite: Suite, paths: Paths, workers: int, threads: int, keep_weigh
 # --- command line ----------------------------------------------------------------------------------------------------
 
 
+def _rates(items: list[str], flag: str) -> dict[str, tuple[float, ...]]:
+    """``["lora=2e-4,1e-3", …]`` → ``{"lora": (2e-4, 1e-3), …}``, refusing what is not METHOD=LR[,LR…]."""
+    rates = {}
+    for item in items:
+        method, _, lrs = item.partition("=")
+        try:
+            rates[canonical_name(method)] = tuple(float(lr) for lr in lrs.split(","))
+        except ValueError:
+            raise SystemExit(f"rlvr: {flag} {item!r}: expected METHOD=LR[,LR…], e.g. lora=2e-4,1e-3") from None
+        if canonical_name(method) not in METHODS:
+            raise SystemExit(f"rlvr: {flag} {item!r}: {method!r} is not a method; choose from {', '.join(METHODS)}")
+    return rates
+
+
 def _suite_from(args) -> Suite:
     defaults = Suite()
     overrides = {key: getattr(args, key) for key in defaults.settings() if getattr(args, key, None) is not None}
@@ -434,12 +467,15 @@ def _suite_from(args) -> Suite:
     if args.first:
         overrides["first"] = tuple(args.first)
     if args.sweep is not None:
-        overrides["sweep"] = {m: tuple(float(x) for x in lrs.split(",")) for m, lrs in
-                              (item.split("=") for item in args.sweep)}
+        overrides["sweep"] = _rates(args.sweep, "--sweep")
     if args.fixed_lr is not None:
         overrides["fixed_lr"] = tuple((m, float(lr)) for m, lr in (item.split("=") for item in args.fixed_lr))
     if args.ablation_top_k is not None:
         overrides["ablation_top_k"] = tuple(args.ablation_top_k)
+    if args.stability:
+        overrides["stability"] = _rates(args.stability, "--stability")
+    if args.stability_seeds is not None:
+        overrides["stability_seeds"] = args.stability_seeds
     return Suite(**overrides)
 
 
@@ -477,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra arms at a fixed rate (default: lora=2e-4 pissa=2e-4; none: pass the flag alone)")
     g.add_argument("--ablation-top-k", type=int, nargs="*", default=None,
                    help="OffPrincipal top-k ablation (default: 8 128; none: pass the flag alone)")
+    g.add_argument("--stability", nargs="+", default=None, metavar="METHOD=LR,LR",
+                   help="stability sweep: each method at each rate, --stability-seeds seeds (runs the comparison "
+                        "already has are not repeated), e.g. offprincipal=2e-4,1e-3,3e-3 lora=2e-4,1e-3,3e-3")
+    g.add_argument("--stability-seeds", type=int, default=None, help="seeds of the stability sweep (default: 2)")
     return p
 
 

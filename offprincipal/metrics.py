@@ -221,6 +221,7 @@ class LayerRecord:
     overlap_low_magnitude: float
     leak_left: float
     leak_right: float
+    update_rel: float = math.nan  # ‖ΔW‖_F / ‖W0‖_F (NaN in records written before it existed)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -239,7 +240,8 @@ def weight_pair_metrics(
     spec0, spec1 = spectrum(w0, k, dtype), spectrum(w1, k, dtype)
     rotation = subspace_rotation(spec0.top, spec1.top)
     updated = update_mask(w0, w1)
-    leak_left, leak_right = principal_leak(w1.detach().double() - w0.detach().double(), spec0.top.U, spec0.top.V)
+    delta = w1.detach().double() - w0.detach().double()
+    leak_left, leak_right = principal_leak(delta, spec0.top.U, spec0.top.V)
     return LayerRecord(
         name=name,
         shape=tuple(w0.shape),
@@ -255,6 +257,7 @@ def weight_pair_metrics(
         overlap_low_magnitude=mask_overlap(low_magnitude_mask(w0, alpha), updated),
         leak_left=leak_left,
         leak_right=leak_right,
+        update_rel=float(delta.norm() / w0.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)),
     )
 
 
@@ -269,7 +272,8 @@ def summarize(records: Sequence[LayerRecord]) -> dict:
     if not records:
         raise ValueError("summarize needs at least one LayerRecord")
     sizes = [r.shape[0] * r.shape[1] for r in records]
-    keys = ("nss", "max_angle_left", "max_angle_right", "overlap_principal", "overlap_low_magnitude", "leak_left", "leak_right")
+    keys = ("nss", "max_angle_left", "max_angle_right", "overlap_principal", "overlap_low_magnitude", "leak_left", "leak_right",
+            "update_rel")
     summary = {"layers": len(records), "parameters": sum(sizes)}
     summary["update_sparsity"] = sum(r.update_sparsity * s for r, s in zip(records, sizes)) / sum(sizes)
     summary.update({f"mean_{key}": _nanmean([getattr(r, key) for r in records]) for key in keys})

@@ -203,6 +203,7 @@ def _summary_table(summary: Mapping) -> str:
         "mean_overlap_low_magnitude": "update ∩ low-magnitude mask / update",
         "overlap_random_baseline": "random baseline of both overlaps (α)",
         "mean_leak_left": "mean principal leak ‖U₀ᵀΔW‖/‖ΔW‖", "mean_leak_right": "mean principal leak ‖ΔW V₀‖/‖ΔW‖",
+        "mean_update_rel": "mean relative update ‖ΔW‖/‖W0‖",
     }
     return markdown_table(["metric", "value"], [[label, summary[key]] for key, label in labels.items() if key in summary])
 

@@ -179,6 +179,10 @@ def test_weight_pair_record_on_planted_update():
     assert rec_on.leak_left == pytest.approx(1.0, abs=1e-3) and rec_on.leak_right == pytest.approx(1.0, abs=1e-3)
     assert rec_on.max_angle_left == pytest.approx(0.0, abs=1e-3)  # same singular vectors, σ1 grows by 0.5
     assert rec_on.nss == pytest.approx(0.5 / torch.arange(1.0, 13).norm().item(), rel=1e-4)
+    # ‖ΔW‖/‖W0‖: σ1's growth of 0.5 against ‖W0‖_F = ‖(12, 11, …, 1)‖
+    assert rec_on.update_rel == pytest.approx(0.5 / torch.arange(1.0, 13).norm().item(), rel=1e-4)
+    assert rec.update_rel == pytest.approx(0.05 * off.double().norm().item() / W0.double().norm().item(), rel=1e-4)
+    assert M.summarize([rec, rec_on])["mean_update_rel"] == pytest.approx((rec.update_rel + rec_on.update_rel) / 2)
     with pytest.raises(ValueError, match="k=20"):
         M.weight_pair_metrics(W0, W0, 20)
 

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {
     "method", "seed", "steps", "lr", "rank", "top_k", "accuracy_before", "accuracy_after", "reward_first", "reward_last",
     "step_time_s", "peak_mem_mb", "trainable_params", "nss_mean", "max_angle_mean", "bf16_sparsity",
-    "overlap_principal", "overlap_lowmag", "leak", "device", "commit",
+    "overlap_principal", "overlap_lowmag", "leak", "device", "commit", "update_rel_mean", "grad_norm_curve",
+    "entropy_curve",
 }
 METHODS = set(REGISTRY)  # every method of the registry is an arm of the default suite
 
@@ -147,3 +148,36 @@ def test_a_concurrent_run_of_the_same_suite_is_refused(suite, capsys):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit, match="in progress"):
             suite.run(capsys)
+
+
+def test_stability_sweep_plans_only_the_runs_the_comparison_lacks(tmp_path):
+    rlvr = load_script("rlvr")
+    default = REGISTRY["lora"].default_lr
+    assert REGISTRY["offprincipal"].default_lr == default
+    suite = rlvr.Suite(name="t", methods=("offprincipal", "lora"), seeds=3, single_seeds=0, sweep={},
+                       ablation_top_k=(), fixed_lr=(("lora", 1e-3),), stability_seeds=2,
+                       stability={"offprincipal": (default, 1e-3), "lora": (default, 1e-3, 3e-3)})
+    specs = rlvr.plan(suite, {})
+    extra = [(s.method, s.lr, s.seed) for s in specs if s.stability]
+    # offprincipal and lora at their default rate, and lora at 1e-3 (a fixed-rate arm), are runs of the comparison
+    assert extra == [("offprincipal", 1e-3, 0), ("lora", 3e-3, 0), ("offprincipal", 1e-3, 1), ("lora", 3e-3, 1)]
+    assert all(s.stability for s in specs[-4:])  # after every run of the comparison
+    assert len({s.run_id for s in specs}) == len(specs) == 3 * 2 + 3 + 4
+    assert {s.role for s in specs if s.stability} == {"stability"}
+
+    # a stability record keeps its role when the roles are rewritten after a run
+    paths = rlvr.Paths(suite, tmp_path / "results", tmp_path / "runs")
+    paths.records.mkdir(parents=True)
+    spec = next(s for s in specs if s.stability)
+    record = {"run_id": spec.run_id, "method": spec.method, "seed": spec.seed, "lr": spec.lr, "top_k": spec.top_k,
+              "arm": spec.arm, "role": rlvr.role(spec, {})}
+    (paths.records / f"{spec.run_id}.json").write_text(json.dumps(record))
+    rlvr._update_roles(suite, paths, {})
+    assert strict(paths.records / f"{spec.run_id}.json")["role"] == "stability"
+
+
+@pytest.mark.parametrize("item, match", [("nonsense=1e-3", "not a method"), ("lora=fast", "METHOD=LR")])
+def test_stability_rates_are_checked(item, match):
+    rlvr = load_script("rlvr")
+    with pytest.raises(SystemExit, match=match):
+        rlvr._suite_from(rlvr.build_parser().parse_args(["run", "--stability", item]))
