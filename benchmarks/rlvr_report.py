@@ -334,9 +334,10 @@ def _forgetting_section(records, summary, plots: Path) -> str | None:
 
 
 def _plot_gain_forgetting(records, path: Path) -> Path | None:
-    """One point per main run: NLL drift (x) against the gain in held-out accuracy (y), coloured by arm."""
+    """One point per run of the comparison or the stability sweep: NLL drift (x) against the gain in held-out
+    accuracy (y), coloured by arm."""
     points = [(r["arm"], r["retention_nll_drift"], _metric(r, "accuracy_delta")) for r in records
-              if r.get("role") == "main" and r.get("retention_nll_drift") is not None
+              if r.get("role") in ("main", "stability") and r.get("retention_nll_drift") is not None
               and _metric(r, "accuracy_delta") is not None]
     if not points:
         return None
@@ -353,6 +354,124 @@ def _plot_gain_forgetting(records, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+# --- stability sweep ------------------------------------------------------------------------------------------------
+
+
+def stability_groups(records) -> dict[tuple[str, float], list[dict]]:
+    """(method, lr) → runs, for the methods of the stability sweep (``role == "stability"`` records): their own runs
+    and every other run of the same method at the same top-k (main and sweep runs; the top-k ablation excluded; a
+    fixed-rate run that repeats a sweep run's method, rate and seed counted once). In method order, then by rate;
+    {} without stability records."""
+    own = [r for r in records if r.get("role") == "stability"]
+    if not own:
+        return {}
+    methods, top_k = {r["method"] for r in own}, {r.get("top_k") for r in own}
+    unique = {}
+    for r in records:
+        if r["method"] in methods and r.get("top_k") in top_k and not _K_ARM.match(r["arm"]):
+            unique.setdefault((r["method"], r.get("lr"), r.get("seed")), r)
+    groups = _group(unique.values(), lambda r: (r["method"], r.get("lr")))
+    return dict(sorted(groups.items(), key=lambda item: (_arm_key(item[0][0]), item[0][1] or 0)))
+
+
+def run_outcome(record: dict) -> str:
+    """"learned" when the base model's held-out accuracy lies below the run's 95% interval (Wilson, on the same
+    prompts), "collapsed" when above it, "no clear change" otherwise or without an interval."""
+    low, high = record.get("accuracy_after_ci95_low"), record.get("accuracy_after_ci95_high")
+    before = record.get("accuracy_before")
+    if None in (low, high, before):
+        return "no clear change"
+    return "learned" if before < low else "collapsed" if before > high else "no clear change"
+
+
+def _tail_mean(curve, fraction: float = 0.25):
+    values = _finite(curve or [])
+    return _stat(values[-max(1, int(len(values) * fraction)):])["mean"] if values else None
+
+
+def _median(values):
+    xs = _finite(values)
+    return statistics.median(xs) if xs else None
+
+
+def _stability_table(groups) -> str:
+    rows = []
+    for (method, lr), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r.get("seed") or 0)
+        outcomes = [run_outcome(r) for r in runs]
+        rows.append([
+            method, _num(lr), ", ".join(str(r.get("seed")) for r in runs),
+            ", ".join(_value(r.get("accuracy_after"), "accuracy_after") for r in runs),
+            _pm(_stat(_metric(r, "accuracy_delta") for r in runs), "accuracy_delta"),
+            " / ".join(str(outcomes.count(o)) for o in ("learned", "no clear change", "collapsed")),
+            _num(_stat(_tail_mean(r.get("reward_curve")) for r in runs)["mean"]),
+            _pm(_stat(r.get("retention_nll_drift") for r in runs), "retention_nll_drift"),
+            _num(_stat(r.get("update_rel_mean") for r in runs)["mean"]),
+            _num(_median(_median(r.get("grad_norm_curve") or []) for r in runs)),
+        ])
+    header = ["method", "lr", "seeds", "held-out accuracy per seed (%)", "gain (pp, mean ± SE)",
+              "learned / no clear change / collapsed", "reward, last quarter", "NLL drift (nats/token)",
+              "‖ΔW‖/‖W0‖ (mean over weights)", "grad norm (median)"]
+    return _table(header, rows)
+
+
+def _stability_reading(groups) -> str:
+    """Per method: the rates where no run collapsed, where one did, and the rate of the highest mean gain."""
+    lines = []
+    for method in dict.fromkeys(m for m, _ in groups):
+        rates = {lr: runs for (m, lr), runs in groups.items() if m == method}
+        stable = [lr for lr, runs in rates.items() if "collapsed" not in map(run_outcome, runs)]
+        unstable = [lr for lr in rates if lr not in stable]
+        best = max(rates, key=lambda lr: _stat(_metric(r, "accuracy_delta") for r in rates[lr])["mean"] or -1)
+        lines.append(f"- {method}: no run collapsed at {', '.join(map(_num, stable)) or 'no rate'}"
+                     + (f"; at least one run collapsed at {', '.join(map(_num, unstable))}" if unstable else "")
+                     + f"; highest mean gain at {_num(best)}.")
+    return "\n".join(lines)
+
+
+def _plot_stability(groups, path: Path) -> Path | None:
+    """Gain and NLL drift against the learning rate (log scale): one point per run, a line through the means."""
+    if not groups:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("accuracy_delta", "Δ held-out accuracy (pp)", 100), ("retention_nll_drift", "NLL drift (nats/token)", 1))
+    for method in dict.fromkeys(m for m, _ in groups):
+        rates = sorted(lr for m, lr in groups if m == method)
+        for ax, (metric, label, scale) in zip(axes, panels):
+            points = [(lr, scale * v) for lr in rates for r in groups[(method, lr)] if (v := _metric(r, metric)) is not None]
+            if not points:
+                continue
+            dots = ax.scatter(*zip(*points), s=25, alpha=0.6)
+            means = [(lr, scale * m) for lr in rates
+                     if (m := _stat(_metric(r, metric) for r in groups[(method, lr)])["mean"]) is not None]
+            ax.plot(*zip(*means), color=dots.get_facecolor()[0], label=method, marker="o")
+            ax.set(xscale="log", xlabel="learning rate", ylabel=label)
+    for ax, title in zip(axes, ("gain", "forgetting")):
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_title(f"{title} against the learning rate (one point per run)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _stability_section(records, plots: Path) -> str | None:
+    groups = stability_groups(records)
+    if not groups:
+        return None
+    parts = ["## Stability sweep",
+             "Each method of the sweep at each rate, with every run the suite has at that method, rate and top-k "
+             "(seeds listed). A run *learned* when the base model's held-out accuracy lies below the run's 95% "
+             "interval, *collapsed* when above it. Reward: mean training reward over the last quarter of the steps. "
+             "‖ΔW‖/‖W0‖ and the grad-norm column are n/a for runs recorded before the harness kept them.",
+             _stability_table(groups), _stability_reading(groups)]
+    plot = _plot_stability(groups, plots / "stability.png")
+    if plot is not None:
+        parts.append(f"![stability]({PLOTS}/{plot.name})")
+    return "\n\n".join(parts)
 
 
 # --- plots ----------------------------------------------------------------------------------------------------------
@@ -461,7 +580,8 @@ def write_report(folder) -> Path:
         raise ValueError(f"no records in {folder / 'records'}")
     summary = summarize_arms(records)
     parts = [_header(folder, records), "## Results", _main_table(summary),
-             _forgetting_section(records, summary, folder / PLOTS), _sweep_table(records), "## Plots",
+             _forgetting_section(records, summary, folder / PLOTS), _stability_section(records, folder / PLOTS),
+             _sweep_table(records), "## Plots",
              *_write_plots(records, summary, folder / PLOTS), _reading(summary)]
     notes = folder / "notes.md"
     if notes.is_file():

@@ -202,3 +202,42 @@ def test_records_of_a_former_method_spelling_are_read_and_migrated(tmp_path):
     assert len(paths.migrate()) == 1 and paths.migrate() == []
     (record,) = paths.done().values()
     assert record["method"] == "offprincipal-full" and record["run_id"].startswith("offprincipal-full")
+
+
+def test_stability_section(tmp_path):
+    """The stability sweep groups every run of its methods by rate (main, fixed-rate and stability runs; a twin of
+    the same method, rate and seed once; the top-k ablation left out), classifies each run against the base model's
+    accuracy by its 95% interval, and says per method where runs collapsed."""
+
+    def run(arm, seed, after, lr, role="stability", **fields):
+        low, high = after - 0.06, after + 0.06  # the shape of a Wilson interval on a few hundred prompts
+        return make_record(arm, seed, after, lr=lr, role=role, accuracy_after_ci95_low=low,
+                           accuracy_after_ci95_high=high, retention_nll_drift=0.01 * lr / 1e-3, **fields)
+
+    records = [run("offprincipal", s, 0.40 + 0.01 * s, 3e-4, role="main", update_rel_mean=0.002,
+                   grad_norm_curve=[0.5, 0.7, 0.6]) for s in range(3)]
+    records += [run("offprincipal k=8", 0, 0.05, 3e-4, role="main")]  # not a rate of the sweep: left out
+    records += [run("lora", s, 0.38, 3e-4, role="main") for s in range(2)]
+    records += [run("lora lr=0.001", s, 0.33, 1e-3, role="main", method="lora") for s in range(2)]
+    records += [run("offprincipal lr=0.001", 0, 0.36, 1e-3), run("offprincipal lr=0.001", 1, 0.10, 1e-3),
+                run("lora lr=0.003", 0, 0.05, 3e-3), run("lora lr=0.003", 1, 0.08, 3e-3)]
+    groups = rlvr_report.stability_groups(records)
+    assert list(groups) == [("offprincipal", 3e-4), ("offprincipal", 1e-3), ("lora", 3e-4), ("lora", 1e-3),
+                            ("lora", 3e-3)]
+    assert [r["seed"] for r in groups[("offprincipal", 3e-4)]] == [0, 1, 2]
+    assert [rlvr_report.run_outcome(r) for r in groups[("offprincipal", 1e-3)]] == ["no clear change", "collapsed"]
+    assert rlvr_report.run_outcome(records[0]) == "learned"  # 0.40 − 0.06 > 0.312
+
+    folder = write_suite(tmp_path / "suite", records)
+    report = rlvr_report.write_report(folder).read_text()
+    section = report.split("## Stability sweep")[1].split("\n## ")[0]
+    assert "| offprincipal | 0.001 | 0, 1 | 36.0, 10.0 |" in section
+    assert "- offprincipal: no run collapsed at 0.0003; at least one run collapsed at 0.001" in section
+    assert "- lora: no run collapsed at 0.0003, 0.001; at least one run collapsed at 0.003" in section
+    assert "| 0.002 | 0.6 |" in section  # ‖ΔW‖/‖W0‖ and the median grad norm, where recorded
+    assert (folder / "plots" / "stability.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_no_stability_section_without_stability_runs(tmp_path):
+    folder = write_suite(tmp_path / "suite", make_records())
+    assert "Stability sweep" not in rlvr_report.write_report(folder).read_text()
