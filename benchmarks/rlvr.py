@@ -309,14 +309,17 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
 
 
 def _retention_fields(retention: Optional[dict], base: dict) -> dict:
-    """The record's forgetting figures: NLL drift of the base model's own answers, and the retention task's accuracy
-    after training next to the base model's (measured once per suite)."""
+    """The record's forgetting figures: NLL drift of the base model's own answers, the KL from the base to the tuned
+    model on those answer positions (``retention_kl``, nats/token, over the base's top-m tokens and the rest as one
+    bucket; None in runs that predate it), and the retention task's accuracy after training next to the base
+    model's (measured once per suite)."""
     if retention is None:
         return {}
     task = retention.get("task_accuracy") or {}
     before = (base.get("retention_task") or {}).get("accuracy")
     return {
         "retention_nll_drift": retention["nll_drift_nats_per_token"],
+        "retention_kl": retention.get("kl_to_base_nats_per_token"), "retention_kl_top_m": retention.get("kl_top_m"),
         "retention_base_nll": retention["base_nll_nats_per_token"], "retention_prompts": retention["prompts"],
         "retention_task": retention.get("task"), "retention_task_n": task.get("after_n"),
         "retention_task_before": before, "retention_task_after": task.get("after"),

@@ -33,7 +33,7 @@ METRICS = {
     "trainable_params": "trainable params", "nss_mean": "NSS", "max_angle_mean": "max angle (°)",
     "bf16_sparsity": "bf16 sparsity", "overlap_principal": "overlap principal", "overlap_lowmag": "overlap low-mag",
     "leak": "principal leak", "retention_nll_drift": "NLL drift (nats/token)",
-    "retention_task_delta": "Δ retention task",
+    "retention_kl": "KL to base (nats/token)", "retention_task_delta": "Δ retention task",
 }
 PERCENT = {"accuracy_after", "accuracy_delta", "retention_task_delta"}
 LAYER_ARMS = ["full", "offprincipal-full", "offprincipal", "lora", "pissa", "sft"]  # methods of the registry
@@ -277,10 +277,11 @@ def _has_retention(records) -> bool:
 def _forgetting_table(summary) -> str:
     rows = [[e["arm"], str(e["n"]), _pm(e["metrics"]["accuracy_delta"], "accuracy_delta"),
              _pm(e["metrics"]["retention_nll_drift"], "retention_nll_drift"),
+             _pm(e["metrics"]["retention_kl"], "retention_kl"),
              _pm(e["metrics"]["retention_task_delta"], "retention_task_delta")]
             for e in summary if e["metrics"]["retention_nll_drift"]["n"]]
     return _table(["arm", "seeds", "gain: Δ held-out accuracy (pp)", "forgetting: NLL drift (nats/token)",
-                   "forgetting: Δ retention task (pp)"], rows)
+                   "forgetting: KL to base (nats/token)", "forgetting: Δ retention task (pp)"], rows)
 
 
 def _forgetting_verdict(summary, a: str, b: str) -> str | None:

@@ -118,8 +118,9 @@ def _add_train(sub) -> None:
                    help="evaluate held-out accuracy before training (default: on; a benchmark measures the base "
                         "model once and passes --no-eval-before)")
     p.add_argument("--retention", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure forgetting: the NLL drift of the base model's own answers to 64 general prompts, and "
-                        "greedy accuracy on the capitals task before/after (default: on)")
+                   help="measure forgetting: the NLL drift of the base model's own answers to 72 general prompts and "
+                        "the KL divergence from the base to the tuned model on them, and greedy accuracy on the "
+                        "capitals task before/after (default: on)")
     p.add_argument("--retention-n", type=_positive_int, default=MAIN_JOB_RETENTION_N,
                    help=f"held-out prompts of the second (retention) task (default: {MAIN_JOB_RETENTION_N}; the "
                         f"benchmark uses {RETENTION_N})")

@@ -351,14 +351,24 @@ def _accuracy_text(accuracy: Mapping, label: str, eval_n: int) -> str:
 
 
 def _retention_text(retention: Mapping) -> str:
-    """The retention section: NLL drift of the base model's own answers, and the second task before/after."""
+    """The retention section: NLL drift of the base model's own answers, the KL to the base on those answer
+    positions (when the record has it), and the second task before/after."""
     lines = [
         "## Retention (what the run forgot)",
         f"NLL of the base model's own greedy answers to {retention['prompts']} general prompts "
         f"({retention['answer_tokens']} answer tokens): {retention['base_nll_nats_per_token']:.4f} → "
         f"{retention['tuned_nll_nats_per_token']:.4f} nats/token, a drift of "
-        f"**{retention['nll_drift_nats_per_token']:+.4f}** (0: the base behaviour is kept exactly; larger: forgotten).",
+        f"**{retention['nll_drift_nats_per_token']:+.4f}** (0: the base answers are exactly as likely as before; "
+        "larger: less likely; it can be negative when training makes them more likely, which is a change too).",
     ]
+    kl = retention.get("kl_to_base_nats_per_token")
+    if kl is not None:
+        lines.append(
+            f"KL divergence from the base to the tuned model's next-token distributions at those answer positions: "
+            f"**{kl:.4f}** nats/token (0: unchanged there; larger: moved further; never negative). Computed over the "
+            f"base's top {retention.get('kl_top_m')} tokens and the rest of the vocabulary as one bucket, a lower "
+            "bound on the exact KL."
+        )
     task = retention.get("task_accuracy")
     if task is not None:
         lines.append(_accuracy_text(task, f"Second task ({retention['task']}, not trained on)", task["after_n"]))

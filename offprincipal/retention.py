@@ -10,7 +10,25 @@ over the base answers y_i (answer tokens only, the final end-of-sequence token i
 produced one) given the chat-formatted prompts x_i: a token-weighted mean (:func:`answer_nll`). The drift of a
 tuned model is NLL(tuned) − NLL(base) (:func:`nll_drift`). Since y_i is the base model's greedy answer, NLL(base)
 is small and the drift estimates how much less likely the tuned model finds the base behaviour: 0 for an
-unchanged model, > 0 when the tuned model has moved away (it can be < 0 when tuning sharpens the base answers).
+unchanged model, > 0 when the tuned model has moved away. It is < 0 when tuning sharpens the base answers (GRPO
+does: the base's greedy answers become more likely), so a drift near 0 does not mean "unchanged".
+
+The KL to the base, measured in the same forward passes, is the figure that reads "0 = unchanged, more = moved
+further": with p = p_base(·|x_i, y_{i,<t}) and q = p_tuned(·|x_i, y_{i,<t}) at each answer position,
+
+    KL(θ) = Σ_i Σ_t KL_m(p ‖ q) / Σ_i |y_i|        (nats per answer token, ≥ 0)
+
+    KL_m(p ‖ q) = Σ_{j∈S} p_j log(p_j / q_j) + p_R log(p_R / q_R),   S = the base's top-m tokens (m = TOP_M),
+                  p_R = Σ_{j∉S} p_j = 1 − Σ_{j∈S} p_j,  q_R = Σ_{j∉S} q_j  (the rest as one bucket; 0·log 0 = 0)
+
+The base distributions are too big to keep whole (vocabulary × answer positions), so :func:`base_statistics`
+keeps, per answer position, the base's top-m token ids, their log-probabilities and log p_R, from the forward pass
+that also gives NLL(base). KL_m is the KL of the two distributions coarsened to the m + 1 outcomes S ∪ {rest};
+by the data-processing inequality KL_m(p ‖ q) ≤ KL(p ‖ q): the figure is a lower bound on the exact KL. It is
+exact up to the mass outside the top m — by the chain rule KL(p ‖ q) = KL_m(p ‖ q) + p_R · KL(p(·|R) ‖ q(·|R)),
+R the tokens outside S — and equal to it when the rest bucket is empty (m ≥ vocabulary size). KL_m = 0 when the
+tuned model gives the same distributions as the base on those positions (exactly 0 when computed the same way:
+same batching, precision and device), and > 0 when it changes the probability of any top-m token or of the rest.
 
 Retention (b), accuracy on a second verifiable task the run does not train on, is the built-in task
 :data:`RETENTION_TASK` of :mod:`offprincipal.tasks`, measured with :func:`offprincipal.tasks.evaluate_accuracy`.
@@ -18,7 +36,11 @@ Retention (b), accuracy on a second verifiable task the run does not train on, i
 The cache is ``cache_root()/retention/<key>.json`` (``$OFFPRINCIPAL_CACHE_DIR`` or ``~/.cache/offprincipal``);
 the key is a BLAKE2b digest of the model's weights (names, dtypes, shapes, bytes), the tokenizer (its serialized
 form, chat template and special tokens), the prompts and the generation settings. Files are written atomically
-and checked before use (format, key, prompts, token ids); a file that fails a check is regenerated.
+and checked before use (format, key, prompts, token ids); a file that fails a check is regenerated. Only the
+answers are cached: the base's top-m statistics come from the forward pass that measures NLL(base), which a run
+does anyway, so they always match the precision and device the tuned model is measured with (a cached copy would
+not: the key does not cover autocast, and a bf16 copy against an fp32 measurement would show a KL for an
+unchanged model).
 """
 
 from __future__ import annotations
@@ -45,6 +67,7 @@ CATEGORIES = ("instruction", "fact", "code", "chat")
 CACHE_FORMAT = 1
 DEFAULT_MAX_NEW_TOKENS = 48
 DEFAULT_BATCH_SIZE = 16
+TOP_M = 64  # base tokens kept per answer position for the KL to the base (the rest is one bucket)
 
 PathLike = Union[str, os.PathLike]
 
@@ -220,16 +243,16 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_nll(model, tokenizer, answers: BaseAnswers, batch_size: int = 8) -> float:
-    """Token-weighted mean NLL (nats per answer token) of ``answers`` under ``model``, each answer conditioned on
-    its chat-formatted prompt (the module docstring gives the formula). Sequences are left-padded with explicit
-    position ids; only the last ``max answer length + 1`` logits of a batch are computed. The model's train/eval
-    mode is restored; no gradient is kept."""
+def _answer_logprobs(model, tokenizer, answers: BaseAnswers, batch_size: int):
+    """Yield ``(rows, logp)`` per batch of prompts: ``rows`` the prompt indices of the batch, ``logp`` (N, vocab)
+    float32 the model's next-token log-probabilities at every answer position of those prompts, in order (row by
+    row, position by position; N = their answer tokens), each answer conditioned on its chat-formatted prompt.
+    Sequences are left-padded with explicit position ids; only the last ``max answer length + 1`` logits of a batch
+    are computed. The model's train/eval mode is restored; no gradient is kept."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [(_prompt_ids(tokenizer, p), list(a)) for p, a in zip(answers.prompts, answers.answer_ids)]
-    total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
@@ -239,63 +262,161 @@ def answer_nll(model, tokenizer, answers: BaseAnswers, batch_size: int = 8) -> f
             tail = max(len(a) for _, a in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            labels = torch.full((len(chunk), tail), -100, dtype=torch.long)
+            keep = torch.zeros((len(chunk), tail), dtype=torch.bool)
             for row, (p, a) in enumerate(chunk):
                 seq = p + a
                 input_ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
-                labels[row, tail - len(a) :] = torch.tensor(a)
+                keep[row, tail - len(a) :] = True
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             device = model.device
             with torch.inference_mode():
                 logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                position_ids=position_ids.to(device), logits_to_keep=tail + 1).logits
-            # logits[:, j] predicts the token after position width - tail - 1 + j; the answer fills the last `tail`.
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = labels.to(logp.device)
-            picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            keep = target != -100
-            total -= float(picked[keep].double().sum())
-            count += int(keep.sum())
+                # logits[:, j] predicts the token after position width - tail - 1 + j; the answer fills the last
+                # `tail`, so logits[:, :-1][keep] are the answer positions, row by row.
+                logp = torch.log_softmax(logits[:, :-1][keep.to(logits.device)].float(), dim=-1)
+            yield range(start, start + len(chunk)), logp
     finally:
         model.train(was_training)
-    return total / count
+
+
+@dataclass(frozen=True)
+class BaseStatistics:
+    """What the KL to the base needs of the base model, from one forward pass over its ``answers`` (the module
+    docstring gives the math). Per prompt i, with L_i = |y_i| answer positions and m = ``top_m`` (TOP_M, or the
+    vocabulary size when smaller): ``top_ids[i]`` (L_i, m) int64 the base's m most likely next tokens,
+    ``top_logprobs[i]`` (L_i, m) float32 their log-probabilities, ``rest_logprob[i]`` (L_i,) float32 the log of the
+    base's probability of every other token (−inf when there is none, m = vocabulary size). ``nll`` is
+    NLL(base) from the same pass; ``key`` and ``lengths`` tie the statistics to their :class:`BaseAnswers`."""
+
+    nll: float
+    top_m: int
+    top_ids: tuple[torch.Tensor, ...]
+    top_logprobs: tuple[torch.Tensor, ...]
+    rest_logprob: tuple[torch.Tensor, ...]
+    key: str
+    lengths: tuple[int, ...]
+
+    def check(self, answers: BaseAnswers) -> None:
+        """ValueError unless these statistics were measured on ``answers`` (same key, same answer lengths, arrays of
+        the right shapes)."""
+        lengths = tuple(len(ids) for ids in answers.answer_ids)
+        shapes_ok = len(self.top_ids) == len(self.top_logprobs) == len(self.rest_logprob) == len(lengths) and all(
+            tuple(i.shape) == tuple(lp.shape) == (n, self.top_m) and tuple(r.shape) == (n,)
+            for i, lp, r, n in zip(self.top_ids, self.top_logprobs, self.rest_logprob, lengths)
+        )
+        if self.key != answers.key or self.lengths != lengths or not shapes_ok:
+            raise ValueError("base statistics do not belong to these base answers (key, lengths or array shapes); "
+                             "measure base_statistics(base_model, tokenizer, answers) on the same answers")
+
+
+def _rest_logprob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{j∉ids} exp(logp_j) per row, summed directly over the other tokens (no 1 − Σ cancellation)."""
+    return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def _measure(model, tokenizer, answers: BaseAnswers, batch_size: int, *, top_m: Optional[int] = None,
+             base: Optional[BaseStatistics] = None):
+    """One pass of ``model`` over ``answers``: ``(nll, kl, stats)`` with ``nll`` the token-weighted NLL, ``kl`` the
+    token-weighted KL_m from ``base`` (None without ``base``), ``stats`` the per-prompt top-``top_m`` triples of
+    :class:`BaseStatistics` (None without ``top_m``). Sums are accumulated in float64."""
+    if base is not None:
+        base.check(answers)
+    nll_sum, kl_sum, count = 0.0, 0.0, 0
+    stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for rows, logp in _answer_logprobs(model, tokenizer, answers, batch_size):
+        lengths = [len(answers.answer_ids[i]) for i in rows]
+        target = torch.tensor([t for i in rows for t in answers.answer_ids[i]], device=logp.device)
+        nll_sum -= float(logp.gather(-1, target.unsqueeze(-1)).double().sum())
+        count += len(target)
+        if top_m is not None:
+            top_lp, top_ids = logp.topk(min(top_m, logp.shape[-1]), dim=-1)
+            rest = _rest_logprob(logp, top_ids)
+            stats += zip(top_ids.cpu().split(lengths), top_lp.cpu().split(lengths), rest.cpu().split(lengths))
+        if base is not None:
+            ids = torch.cat([base.top_ids[i] for i in rows]).to(logp.device)
+            a = torch.cat([base.top_logprobs[i] for i in rows]).to(logp.device).double()
+            a_rest = torch.cat([base.rest_logprob[i] for i in rows]).to(logp.device).double()
+            b = logp.gather(-1, ids).double()
+            b_rest = _rest_logprob(logp, ids).double()
+            # p log(p/q) with 0·log 0 = 0: a bucket the base gives no mass (empty rest, a −inf logit) adds nothing
+            top_term = torch.where(torch.isneginf(a), torch.zeros_like(a), a.exp() * (a - b))
+            rest_term = torch.where(torch.isneginf(a_rest), torch.zeros_like(a_rest), a_rest.exp() * (a_rest - b_rest))
+            kl_sum += float(top_term.sum() + rest_term.sum())
+    # KL_m ≥ 0; max() only removes float64 rounding of a sum that is 0 up to it
+    return nll_sum / count, (None if base is None else max(kl_sum / count, 0.0)), (stats if top_m else None)
+
+
+def answer_nll(model, tokenizer, answers: BaseAnswers, batch_size: int = 8) -> float:
+    """Token-weighted mean NLL (nats per answer token) of ``answers`` under ``model``, each answer conditioned on
+    its chat-formatted prompt (the module docstring gives the formula). Sequences are left-padded with explicit
+    position ids; only the last ``max answer length + 1`` logits of a batch are computed. The model's train/eval
+    mode is restored; no gradient is kept."""
+    return _measure(model, tokenizer, answers, batch_size)[0]
+
+
+def base_statistics(model, tokenizer, answers: BaseAnswers, batch_size: int = 8, top_m: int = TOP_M) -> BaseStatistics:
+    """NLL(base) and the base's top-``top_m`` next-token distribution at every answer position, in one forward pass
+    of ``model`` (the BASE model, before training) over ``answers``: what :func:`nll_drift` needs for the NLL drift
+    and the KL to the base of a tuned model. Measure the tuned model with the same ``batch_size``, precision and
+    device, so that an unchanged model gives exactly 0."""
+    if top_m < 1:
+        raise ValueError(f"top_m must be ≥ 1, got {top_m}")
+    nll, _, stats = _measure(model, tokenizer, answers, batch_size, top_m=top_m)
+    ids, logprobs, rest = zip(*stats)
+    return BaseStatistics(nll, ids[0].shape[-1], ids, logprobs, rest, answers.key,
+                          tuple(len(a) for a in answers.answer_ids))
 
 
 @dataclass(frozen=True)
 class Drift:
-    """``drift_nll = tuned_nll − base_nll`` (nats per answer token) over ``n_prompts`` prompts / ``n_tokens``."""
+    """``drift_nll = tuned_nll − base_nll`` (nats per answer token) over ``n_prompts`` prompts / ``n_tokens``, and
+    ``kl_to_base`` = KL_m(base ‖ tuned) per answer token with m = ``top_m`` (the module docstring; None when the
+    base statistics were not available, i.e. only ``base_nll`` was given)."""
 
     drift_nll: float
     tuned_nll: float
     base_nll: float
     n_prompts: int
     n_tokens: int
+    kl_to_base: Optional[float] = None
+    top_m: Optional[int] = None
 
     def as_record(self, prefix: str = "retention_") -> dict:
         """Snake-case fields for a run record, units in the names."""
-        return {f"{prefix}nll_drift_nats_per_token": self.drift_nll, f"{prefix}tuned_nll_nats_per_token":
-                self.tuned_nll, f"{prefix}base_nll_nats_per_token": self.base_nll,
+        return {f"{prefix}nll_drift_nats_per_token": self.drift_nll,
+                f"{prefix}kl_to_base_nats_per_token": self.kl_to_base, f"{prefix}kl_top_m": self.top_m,
+                f"{prefix}tuned_nll_nats_per_token": self.tuned_nll, f"{prefix}base_nll_nats_per_token": self.base_nll,
                 f"{prefix}prompts": self.n_prompts, f"{prefix}answer_tokens": self.n_tokens}
 
 
 def nll_drift(tuned_model, answers: BaseAnswers, tokenizer, base_nll: Optional[float] = None,
-              batch_size: int = 8) -> Drift:
-    """NLL drift of ``tuned_model`` on the base ``answers`` (:func:`answer_nll` tuned minus base).
+              batch_size: int = 8, *, base_stats: Optional[BaseStatistics] = None) -> Drift:
+    """NLL drift of ``tuned_model`` on the base ``answers`` (:func:`answer_nll` tuned minus base) and, in the same
+    forward pass, its KL to the base (KL_m of the module docstring, a lower bound on the exact KL).
 
-    ``base_nll``: the base model's :func:`answer_nll`, measured before training (full fine-tuning must pass it).
-    When it is None, ``tuned_model`` must be a PEFT model: the base figure is computed with its adapter disabled
-    (``disable_adapter()``, which is exactly the base model for OffPrincipal, LoRA, DoRA, … but not for methods
-    that modify the base weights, such as PiSSA's init; pass ``base_nll`` for those).
+    The base figures come from one of:
+    ``base_stats``: :func:`base_statistics` of the base model, measured before training (what full fine-tuning must
+    pass; it gives both the base NLL and the KL);
+    ``base_nll``: the base model's :func:`answer_nll` alone (then ``kl_to_base`` is None);
+    neither: ``tuned_model`` must be a PEFT model, and the base statistics are measured with its adapter disabled
+    (``disable_adapter()``, which is exactly the base model for OffPrincipal, LoRA, DoRA, … but not for methods that
+    modify the base weights, such as PiSSA's init; pass ``base_stats`` for those).
     """
-    tuned = answer_nll(tuned_model, tokenizer, answers, batch_size)
-    if base_nll is None:
+    if base_stats is not None and base_nll is not None:
+        raise ValueError("nll_drift: pass base_stats or base_nll, not both (base_stats carries the base NLL)")
+    if base_stats is None and base_nll is None:
         disable = getattr(tuned_model, "disable_adapter", None)
         if disable is None:
             raise ValueError(
-                "nll_drift: tuned_model has no adapter to disable, so the base NLL is unknown; measure "
-                "answer_nll(model, tokenizer, answers) before training and pass it as base_nll"
+                "nll_drift: tuned_model has no adapter to disable, so the base figures are unknown; measure "
+                "base_statistics(model, tokenizer, answers) before training and pass it as base_stats"
             )
         with disable():
-            base_nll = answer_nll(tuned_model, tokenizer, answers, batch_size)
-    return Drift(tuned - base_nll, tuned, base_nll, len(answers.prompts), answers.n_tokens)
+            base_stats = base_statistics(tuned_model, tokenizer, answers, batch_size)
+    tuned, kl, _ = _measure(tuned_model, tokenizer, answers, batch_size, base=base_stats)
+    if base_stats is not None:
+        base_nll = base_stats.nll
+    return Drift(tuned - base_nll, tuned, base_nll, len(answers.prompts), answers.n_tokens, kl,
+                 None if base_stats is None else base_stats.top_m)

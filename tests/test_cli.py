@@ -118,6 +118,8 @@ def assert_complete_run(folder: Path, weights: str, steps: int = 2, reward: bool
         assert retention["prompts"] >= 64 and retention["answer_tokens"] > 0 and retention["task"] == "capitals"
         assert retention["nll_drift_nats_per_token"] == pytest.approx(
             retention["tuned_nll_nats_per_token"] - retention["base_nll_nats_per_token"])
+        assert retention["kl_to_base_nats_per_token"] >= 0.0 and retention["kl_top_m"] == 64
+        assert f"**{retention['kl_to_base_nats_per_token']:.4f}** nats/token" in report
         assert retention["task_accuracy"]["after_n"] == retention_n and retention["task_accuracy"]["before"] is not None
         assert "## Retention" in report
     assert {p.name for p in (folder / "plots").iterdir()} == PNGS

@@ -165,6 +165,7 @@ def test_gain_against_forgetting_section(tmp_path):
     for arm, accuracies in (("offprincipal", [0.40, 0.41, 0.39]), ("lora", [0.40, 0.39, 0.41]),
                             ("full", [0.45, 0.46, 0.47])):
         records += [make_record(arm, s, a, retention_nll_drift=drifts[arm][s], retention_task_delta=-0.01 * s,
+                                retention_kl=None if arm == "full" else 2 * drifts[arm][s],
                                 lr=1e-5 if arm == "full" else 3e-4) for s, a in enumerate(accuracies)]
     folder = tmp_path / "suite"
     (folder / "records").mkdir(parents=True)
@@ -174,6 +175,9 @@ def test_gain_against_forgetting_section(tmp_path):
     assert "## Gain against forgetting" in report and "plots/gain_vs_forgetting.png" in report
     assert (folder / "plots" / "gain_vs_forgetting.png").read_bytes()[:8] == PNG_MAGIC
     assert "**offprincipal forgets less than lora**" in report
+    table = report.split("## Gain against forgetting")[1]
+    assert "forgetting: KL to base (nats/token)" in table
+    assert "| 0.022 ± 0.00115 |" in table and "| n/a |" in table  # offprincipal's KL; full's runs predate it
     assert "offprincipal vs full" in report and "The gains differ" in report.split("offprincipal vs full")[1]
 
 
@@ -241,3 +245,19 @@ def test_stability_section(tmp_path):
 def test_no_stability_section_without_stability_runs(tmp_path):
     folder = write_suite(tmp_path / "suite", make_records())
     assert "Stability sweep" not in rlvr_report.write_report(folder).read_text()
+
+
+def test_retention_fields_carry_the_kl_to_base():
+    """benchmarks/rlvr.py copies the KL to the base from a run's summary into its record (None for runs without it)."""
+    spec = importlib.util.spec_from_file_location("rlvr", SCRIPT.with_name("rlvr.py"))
+    rlvr = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("rlvr", rlvr)
+    spec.loader.exec_module(rlvr)
+    retention = {"nll_drift_nats_per_token": -0.02, "kl_to_base_nats_per_token": 0.031, "kl_top_m": 64,
+                 "base_nll_nats_per_token": 0.4, "prompts": 72, "task": "capitals",
+                 "task_accuracy": {"after": 0.5, "after_n": 100}}
+    fields = rlvr._retention_fields(retention, {"retention_task": {"accuracy": 0.55}})
+    assert fields["retention_kl"] == 0.031 and fields["retention_kl_top_m"] == 64
+    assert fields["retention_nll_drift"] == -0.02 and fields["retention_task_delta"] == pytest.approx(-0.05)
+    older = {k: v for k, v in retention.items() if not k.startswith("kl_")}
+    assert rlvr._retention_fields(older, {})["retention_kl"] is None

@@ -3,7 +3,9 @@
 The accuracy figures come with 95% intervals (:mod:`offprincipal.stats`): a Wilson interval for an accuracy, and
 the paired interval of the gain when the same prompts were evaluated before and after training. Retention
 (definitions in :mod:`offprincipal.retention`): the NLL drift of the base model's own greedy answers to general
-prompts, and the accuracy on a second verifiable task the run does not train on.
+prompts and the KL divergence from the base to the tuned model on those answer positions (over the base's top-m
+tokens and the rest as one bucket: a lower bound on the exact KL), and the accuracy on a second verifiable task the
+run does not train on.
 """
 
 from __future__ import annotations
@@ -66,8 +68,11 @@ def interval_text(accuracy: dict, key: str = "after") -> str:
 
 class Retention:
     """What a run forgets (issue-level definitions in :mod:`offprincipal.retention`): the NLL drift of the base
-    model's own greedy answers to general prompts, and greedy accuracy on a second task it does not train on.
-    ``measure_base`` runs on the untouched model before training, ``measure_tuned`` after."""
+    model's own greedy answers to general prompts and the per-token KL(base ‖ tuned) on those answer positions
+    (KL_m over the base's top-m tokens plus one bucket for the rest, m = TOP_M; ≥ 0, 0 iff unchanged there, a lower
+    bound on the exact KL), and greedy accuracy on a second task it does not train on. ``measure_base`` runs on the
+    untouched model before training (one forward over the answers gives NLL(base) and the base's top-m statistics,
+    kept in memory), ``measure_tuned`` after (one forward gives NLL(tuned) and the KL)."""
 
     def __init__(self, args, tokenizer):
         from ..retention import RETENTION_TASK
@@ -76,15 +81,17 @@ class Retention:
         self.args, self.tokenizer = args, tokenizer
         self.task_name = RETENTION_TASK if args.task != RETENTION_TASK else None
         self.task = get_task(self.task_name) if self.task_name else None
-        self.answers = self.base_nll = self.before = None
+        self.answers = self.base = self.base_nll = self.before = None
 
     def measure_base(self, model) -> None:
-        from ..retention import answer_nll, base_answers
+        from ..retention import base_answers, base_statistics
 
-        print("retention: the base model's answers to the general prompts (cached) and their NLL ...", file=sys.stderr)
+        print("retention: the base model's answers to the general prompts (cached), their NLL and the base's top-m "
+              "next-token probabilities ...", file=sys.stderr)
         with autocast(self.args):
             self.answers = base_answers(model, self.tokenizer)
-            self.base_nll = answer_nll(model, self.tokenizer, self.answers)
+            self.base = base_statistics(model, self.tokenizer, self.answers)
+        self.base_nll = self.base.nll
         if self.task is not None and self.args.eval_before:
             self.before = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
 
@@ -92,14 +99,15 @@ class Retention:
         from ..retention import nll_drift
 
         with autocast(self.args):
-            drift = nll_drift(model, self.answers, self.tokenizer, base_nll=self.base_nll)
-        record = {"nll_drift_nats_per_token": drift.drift_nll, "tuned_nll_nats_per_token": drift.tuned_nll,
+            drift = nll_drift(model, self.answers, self.tokenizer, base_stats=self.base)
+        record = {"nll_drift_nats_per_token": drift.drift_nll, "kl_to_base_nats_per_token": drift.kl_to_base,
+                  "kl_top_m": drift.top_m, "tuned_nll_nats_per_token": drift.tuned_nll,
                   "base_nll_nats_per_token": drift.base_nll, "prompts": drift.n_prompts,
                   "answer_tokens": drift.n_tokens, "task": self.task_name}
         if self.task is not None:
             after = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
             record["task_accuracy"] = accuracy_record(self.before, after)
-        print(f"retention: NLL drift {drift.drift_nll:+.4f} nats/token"
+        print(f"retention: NLL drift {drift.drift_nll:+.4f} nats/token, KL to base {drift.kl_to_base:.4f} nats/token"
               + (f"; {self.task_name} accuracy {pct(record['task_accuracy']['before'])} → "
                  f"{pct(record['task_accuracy']['after'])}" if self.task is not None else ""), file=sys.stderr)
         return record
