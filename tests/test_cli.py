@@ -372,3 +372,16 @@ def test_train_on_a_jsonl_task_of_ones_own(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--task {bad}" in err and f"{bad}:2" in err and f"{bad}:3" in err
     assert not (tmp_path / "run-bad").exists()
+
+
+def test_no_eval_before_says_why_the_retention_task_has_no_before(tiny_dir, tmp_path, digits, monkeypatch, capsys):
+    """With --no-eval-before the retention task's accuracy before training is not measured: the console says so
+    (it used to blame --eval-n 0) and the record keeps before = None next to the measured after."""
+    monkeypatch.setenv("OFFPRINCIPAL_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_dir, out, steps=1, **{"--eval-every": None}) + ["--no-eval-before"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("retention: NLL drift"))
+    assert "capitals accuracy not measured (--no-eval-before) → " in line and "--eval-n 0" not in line
+    task = strict_json((out / "summary.json").read_text())["retention"]["task_accuracy"]
+    assert task["before"] is None and task["after"] is not None

@@ -57,8 +57,9 @@ def accuracy_record(before: Optional[list[bool]], after: Optional[list[bool]]) -
     return record
 
 
-def pct(value: Optional[float]) -> str:
-    return "skipped (--eval-n 0)" if value is None else f"{100 * value:.1f}%"
+def pct(value: Optional[float], missing: str = "skipped (--eval-n 0)") -> str:
+    """A percentage, or ``missing`` (why there is no value) for None."""
+    return missing if value is None else f"{100 * value:.1f}%"
 
 
 def interval_text(accuracy: dict, key: str = "after") -> str:
@@ -108,7 +109,7 @@ class Retention:
             after = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
             record["task_accuracy"] = accuracy_record(self.before, after)
         print(f"retention: NLL drift {drift.drift_nll:+.4f} nats/token, KL to base {drift.kl_to_base:.4f} nats/token"
-              + (f"; {self.task_name} accuracy {pct(record['task_accuracy']['before'])} → "
+              + (f"; {self.task_name} accuracy {pct(record['task_accuracy']['before'], 'not measured (--no-eval-before)')} → "
                  f"{pct(record['task_accuracy']['after'])}" if self.task is not None else ""), file=sys.stderr)
         return record
 
