@@ -307,13 +307,34 @@ def _forgetting_verdict(summary, a: str, b: str) -> str | None:
     if "single seed" in gain["verdict"] or "single seed" in drift["verdict"]:
         return text + ". One seed on a side: no error bars yet, so no verdict on forgetting."
     if gain["verdict"] == "beyond 1 SE":
-        return text + ". The gains differ, so the drifts are not compared at equal gain."
+        return text + _unequal_gains(a, b, gain, drift, task)
     if drift["verdict"] != "beyond 1 SE":
         return text + (f". At equal gain (within noise), {a} and {b} forget about the same: the drift difference "
                        "is not resolved at this number of seeds.")
     less = drift["diff"] < 0
     return text + (f". At equal gain (within noise), **{a} forgets {'less' if less else 'more'} than {b}** "
                    "(NLL drift beyond 1 SE).")
+
+
+def _worse_beyond_noise(c: dict | None, sign: int) -> bool:
+    """Whether ``c`` (a − b) is beyond 1 SE in the direction ``sign`` (+1: a larger)."""
+    return c is not None and c["verdict"] == "beyond 1 SE" and sign * c["diff"] > 0
+
+
+def _unequal_gains(a: str, b: str, gain: dict, drift: dict, task: dict | None) -> str:
+    """The reading when the gains differ: no equal-gain comparison, but the arm that gains more either forgets no
+    more than the other (better on both axes) or forgets more too (a trade-off)."""
+    more, less = (a, b) if gain["diff"] > 0 else (b, a)
+    sign = 1 if more == a else -1  # drift and task differences are a − b
+    drifts_more = _worse_beyond_noise(drift, sign)
+    loses_task = _worse_beyond_noise(task, -sign)
+    if not drifts_more and not loses_task:
+        return (f". The gains differ, so there is no equal-gain comparison; but **{more} gains more and forgets no "
+                f"more than {less}** (neither its NLL drift nor its retention-task change is worse beyond 1 SE).")
+    worse = " and ".join(w for w, bad in (("drifts more", drifts_more), ("loses more on the retention task",
+                                                                           loses_task)) if bad)
+    return (f". The gains differ: {more} gains more but also {worse} (beyond 1 SE), a trade-off; no verdict at "
+            "equal gain.")
 
 
 def _forgetting_section(records, summary, plots: Path) -> str | None:
@@ -324,8 +345,10 @@ def _forgetting_section(records, summary, plots: Path) -> str | None:
              "Gain: held-out accuracy after training minus the base model's. Forgetting: the NLL drift of the base "
              f"model's own greedy answers to {_distinct(records, 'retention_prompts')} general prompts (tuned minus "
              "base, nats per answer token; 0 = the "
-             "base behaviour kept exactly), and the change of accuracy on a second task the runs do not train on. "
-             "Mean ± SE over seeds.", _forgetting_table(summary)]
+             "base behaviour kept exactly; it goes below 0 when training sharpens the model towards its own greedy "
+             "answers, as RL's falling entropy does), the KL divergence from the base to the tuned model on those "
+             "answer positions where recorded (≥ 0, 0 only when unchanged), and the change of accuracy on a second "
+             "task the runs do not train on. Mean ± SE over seeds.", _forgetting_table(summary)]
     scatter = _plot_gain_forgetting(records, plots / "gain_vs_forgetting.png")
     if scatter is not None:
         parts.append(f"![gain against forgetting]({PLOTS}/{scatter.name})")

@@ -178,7 +178,25 @@ def test_gain_against_forgetting_section(tmp_path):
     table = report.split("## Gain against forgetting")[1]
     assert "forgetting: KL to base (nats/token)" in table
     assert "| 0.022 ± 0.00115 |" in table and "| n/a |" in table  # offprincipal's KL; full's runs predate it
-    assert "offprincipal vs full" in report and "The gains differ" in report.split("offprincipal vs full")[1]
+    versus_full = report.split("offprincipal vs full")[1].split("\n")[0]
+    assert "The gains differ: full gains more but also drifts more (beyond 1 SE), a trade-off" in versus_full
+
+
+def test_forgetting_reading_when_one_arm_gains_more_and_forgets_no_more(tmp_path):
+    """Unequal gains: the arm that gains more without drifting more (within noise) is said to be better on both
+    axes; one that loses more on the retention task is a trade-off."""
+    def arms(lora_task):
+        records = []
+        for arm, accuracies, drifts, task in (("offprincipal", [0.50, 0.51, 0.49], [0.010, 0.013, 0.011], [0.0] * 3),
+                                              ("lora", [0.40, 0.39, 0.41], [0.012, 0.011, 0.013], lora_task)):
+            records += [make_record(arm, s, a, retention_nll_drift=drifts[s], retention_task_delta=task[s])
+                        for s, a in enumerate(accuracies)]
+        return records
+
+    report = rlvr_report.write_report(write_suite(tmp_path / "a", arms([0.01, -0.01, 0.0]))).read_text()
+    assert "**offprincipal gains more and forgets no more than lora**" in report
+    report = rlvr_report.write_report(write_suite(tmp_path / "b", arms([0.10, 0.12, 0.11]))).read_text()
+    assert "offprincipal gains more but also loses more on the retention task (beyond 1 SE), a trade-off" in report
 
 
 def test_no_forgetting_section_without_retention(tmp_path):
