@@ -433,11 +433,12 @@ def _stability_table(groups) -> str:
             _num(_stat(_tail_mean(r.get("reward_curve")) for r in runs)["mean"]),
             _pm(_stat(r.get("retention_nll_drift") for r in runs), "retention_nll_drift"),
             _num(_stat(r.get("update_rel_mean") for r in runs)["mean"]),
-            _num(_median(_median(r.get("grad_norm_curve") or []) for r in runs)),
+            _num(_median(_median(g for g in r.get("grad_norm_curve") or [] if g) for r in runs)),
         ])
     header = ["method", "lr", "seeds", "held-out accuracy per seed (%)", "gain (pp, mean ± SE)",
               "learned / no clear change / collapsed", "reward, last quarter", "NLL drift (nats/token)",
-              "‖ΔW‖/‖W0‖ (mean over weights)", "grad norm (median)"]
+              "‖ΔW‖/‖W0‖ (mean over weights)",
+              "grad norm (median over steps with a gradient)"]
     return _table(header, rows)
 
 
@@ -490,7 +491,8 @@ def _stability_section(records, plots: Path) -> str | None:
              "Each method of the sweep at each rate, with every run the suite has at that method, rate and top-k "
              "(seeds listed). A run *learned* when the base model's held-out accuracy lies below the run's 95% "
              "interval, *collapsed* when above it. Reward: mean training reward over the last quarter of the steps. "
-             "‖ΔW‖/‖W0‖ and the grad-norm column are n/a for runs recorded before the harness kept them.",
+             "‖ΔW‖/‖W0‖ and the grad-norm column are n/a for runs recorded before the harness kept them; steps whose "
+             "completions all got the same reward have no gradient (zero advantage) and are left out of the median.",
              _stability_table(groups), _stability_reading(groups)]
     plot = _plot_stability(groups, plots / "stability.png")
     if plot is not None:
