@@ -316,6 +316,12 @@ def _rest_logprob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p·log(p/q) elementwise from log-probabilities, with 0·log 0 = 0: a bucket the base gives no mass (an empty
+    rest, a −inf logit) adds nothing."""
+    return torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p.exp() * (log_p - log_q))
+
+
 def _measure(model, tokenizer, answers: BaseAnswers, batch_size: int, *, top_m: Optional[int] = None,
              base: Optional[BaseStatistics] = None):
     """One pass of ``model`` over ``answers``: ``(nll, kl, stats)`` with ``nll`` the token-weighted NLL, ``kl`` the
@@ -340,10 +346,7 @@ def _measure(model, tokenizer, answers: BaseAnswers, batch_size: int, *, top_m: 
             a_rest = torch.cat([base.rest_logprob[i] for i in rows]).to(logp.device).double()
             b = logp.gather(-1, ids).double()
             b_rest = _rest_logprob(logp, ids).double()
-            # p log(p/q) with 0·log 0 = 0: a bucket the base gives no mass (empty rest, a −inf logit) adds nothing
-            top_term = torch.where(torch.isneginf(a), torch.zeros_like(a), a.exp() * (a - b))
-            rest_term = torch.where(torch.isneginf(a_rest), torch.zeros_like(a_rest), a_rest.exp() * (a_rest - b_rest))
-            kl_sum += float(top_term.sum() + rest_term.sum())
+            kl_sum += float(_kl_terms(a, b).sum() + _kl_terms(a_rest, b_rest).sum())
     # KL_m ≥ 0; max() only removes float64 rounding of a sum that is 0 up to it
     return nll_sum / count, (None if base is None else max(kl_sum / count, 0.0)), (stats if top_m else None)
 

@@ -82,7 +82,7 @@ class Retention:
         self.args, self.tokenizer = args, tokenizer
         self.task_name = RETENTION_TASK if args.task != RETENTION_TASK else None
         self.task = get_task(self.task_name) if self.task_name else None
-        self.answers = self.base = self.base_nll = self.before = None
+        self.answers = self.base = self.before = None
 
     def measure_base(self, model) -> None:
         from ..retention import base_answers, base_statistics
@@ -92,7 +92,6 @@ class Retention:
         with autocast(self.args):
             self.answers = base_answers(model, self.tokenizer)
             self.base = base_statistics(model, self.tokenizer, self.answers)
-        self.base_nll = self.base.nll
         if self.task is not None and self.args.eval_before:
             self.before = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
 
