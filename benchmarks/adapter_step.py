@@ -58,7 +58,7 @@ def worker(args) -> dict:
     import torch
     from peft import get_peft_model
 
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -88,7 +88,7 @@ def worker(args) -> dict:
 def precompute_worker(args) -> dict:
     import torch
 
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
     from offprincipal.subspace import compute_subspaces, weight_matrix
 
     model, _ = load_model()

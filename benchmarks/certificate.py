@@ -84,7 +84,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
 
     model, _ = load_model()
     all_weights = linear_weights(model)
@@ -142,7 +142,7 @@ def main() -> None:
         f"Machine: {cpu_name()}, {__import__('os').cpu_count()} cores, torch CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} torch thread(s), load average "
         f"{load:.1f} at start (a machine shared with other jobs); torch {torch.__version__}, Python "
-        f"{platform.python_version()}. Weights fp32, as loaded by `offprincipal.models.load_model()`. Certificate "
+        f"{platform.python_version()}. Weights fp32, as loaded by `offprincipal.experiment.models.load_model()`. Certificate "
         f"settings: defaults of `certify_subspace` (niter = {CERTIFY_NITER} block Krylov steps, block {CERTIFY_BLOCK}, "
         f"2·niter passes over W including the pair checks).",
         "",

@@ -37,7 +37,7 @@ def main() -> None:
     from peft import get_peft_model
 
     from offprincipal import OffPrincipalAdamW, OffPrincipalConfig
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
     from offprincipal.diagnostics import AdapterDiagnostics, PrincipalBlocks
     from offprincipal.files import write_text_atomic
 

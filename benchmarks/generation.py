@@ -28,7 +28,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from offprincipal import OffPrincipalConfig
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
     from offprincipal.files import write_text_atomic
 
     configs = {

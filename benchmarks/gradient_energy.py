@@ -377,9 +377,9 @@ def main(argv=None) -> Path:
     machine = describe_device("cpu")
     start = time.perf_counter()
 
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
     from offprincipal.subspace import compute_subspaces, weight_matrix
-    from offprincipal.tasks import get_task
+    from offprincipal.experiment.tasks import get_task
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     model.eval()
@@ -410,7 +410,7 @@ def main(argv=None) -> Path:
     all_names = {g: list(r) for g, r in records.items()}
     summary = {g: summarize(records[g], all_names[g]) for g in records}
     n_layers = 1 + max((layer_of(n) for n in modules if layer_of(n) is not None), default=0)
-    model_name = args.model or "the embedded SmolLM2-135M-Instruct (`offprincipal.models.load_model()`)"
+    model_name = args.model or "the embedded SmolLM2-135M-Instruct (`offprincipal.experiment.models.load_model()`)"
     reward_desc = " + ".join(f"{w:g}·{f.__name__}" for f, w in zip(task.reward_funcs, task.reward_weights))
     lines = [
         f"# Gradient energy on and off the principal subspaces ({len(modules)} weights, k = {args.top_k})",

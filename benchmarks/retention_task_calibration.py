@@ -5,7 +5,7 @@ Retention (b) needs a verifiable task that a run does not train on and that the 
 the task's held-out split (what ``evaluate_accuracy`` reports) and on its train split, with a Wilson 95 % interval,
 the format-reward rate, the time taken and every wrong completion, and writes them as Markdown. With
 ``--drift-cost`` it also times retention (a) on the packaged prompts: generating the base answers (no cache) and
-one :func:`~offprincipal.retention.answer_nll` pass, with the base model's NLL of its own answers.
+one :func:`~offprincipal.experiment.retention.answer_nll` pass, with the base model's NLL of its own answers.
 
     .venv/bin/python benchmarks/retention_task_calibration.py --out benchmarks/results/retention_task_calibration.md
 """
@@ -33,7 +33,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def drift_cost(model, tokenizer) -> list[str]:
     """Markdown lines: the cost of retention (a) on the packaged prompt set with the default settings."""
-    from offprincipal import retention as R
+    from offprincipal.experiment import retention as R
 
     start = time.perf_counter()
     answers = R.base_answers(model, tokenizer, cache_dir=False)
@@ -64,10 +64,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
     from offprincipal.files import write_text_atomic
     from offprincipal.hardware import cpu_name
-    from offprincipal.tasks import correctness_reward, format_reward, generate_completions, get_task
+    from offprincipal.experiment.tasks import correctness_reward, format_reward, generate_completions, get_task
 
     load_start = os.getloadavg()[0]
     model, tokenizer = load_model()
@@ -95,7 +95,7 @@ def main() -> None:
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, no GPU; load average "
         f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end (the machine is shared). torch "
-        f"{torch.__version__}. Model: `offprincipal.models.load_model()` (the embedded GGUF, de-quantized to fp32). "
+        f"{torch.__version__}. Model: `offprincipal.experiment.models.load_model()` (the embedded GGUF, de-quantized to fp32). "
         f"Greedy, max_new_tokens={args.max_new_tokens}, batches of {args.batch_size}, left padding.",
         "",
         f"Command: `.venv/bin/python benchmarks/retention_task_calibration.py --task {args.task} "

@@ -250,7 +250,7 @@ def base_accuracy(suite: Suite, paths: Paths, threads: int) -> dict:
         result = _evaluate_base(suite, suite.task, suite.eval_n, threads)
         _write_json(paths.base, result)
     if suite.retention and "retention_task" not in result:
-        from offprincipal.retention import RETENTION_TASK
+        from offprincipal.experiment.retention import RETENTION_TASK
 
         result["retention_task"] = _evaluate_base(suite, RETENTION_TASK, RETENTION_N, threads)
         _write_json(paths.base, result)
@@ -328,7 +328,7 @@ def _retention_fields(retention: Optional[dict], base: dict) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from offprincipal.report import to_json, write_text_atomic
+    from offprincipal.experiment.report import to_json, write_text_atomic
 
     write_text_atomic(path, to_json(data, indent=1) + "\n")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from offprincipal.experiment.methods import METHODS, canonical_name
 from offprincipal.files import write_text_atomic
-from offprincipal.report import PLOTS, markdown_table as _table, pyplot as _pyplot
+from offprincipal.experiment.report import PLOTS, markdown_table as _table, pyplot as _pyplot
 
 # the registry's order, with the full-parameter reference arms first
 _REFERENCE_ARMS = ("full", "offprincipal-full")

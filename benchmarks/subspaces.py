@@ -6,7 +6,7 @@
   synthetic with a power-law spectrum σ_i = i^-½ (random singular vectors); one matrix per distinct shape is
   reused for every layer, since the cost depends only on the shape. Target: ≤ 5 s for the model on one GPU at
   captured energy ≥ 0.999.
-- ``--model smollm2`` (default on CPU): the embedded SmolLM2-135M-Instruct (``offprincipal.models.load_model``),
+- ``--model smollm2`` (default on CPU): the embedded SmolLM2-135M-Instruct (``offprincipal.experiment.models.load_model``),
   its 210 linear weights; ``--model smollm2-random`` builds a random model with the same LlamaConfig shapes
   (hidden 576, 30 layers, 9/3 heads, intermediate 1536) instead. Exact fp32 SVD (one by one and batched by
   shape) vs randomized with several (oversample, power iterations), k = 32 and 64.
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         ks = [int(k) for k in (args.ks or "32,64").split(",")]
         pairs = args.randomized or f"32:2,32:4,32:8,64:8,{DEFAULT_OVERSAMPLE}:{DEFAULT_NITER}"
         if model_name == "smollm2":
-            from offprincipal.models import load_model
+            from offprincipal.experiment.models import load_model
 
             model = load_model()[0]
             source = "SmolLM2-135M-Instruct (embedded, real weights)"

@@ -5,7 +5,7 @@ projection, the subspace API and the paper's metrics (:mod:`offprincipal.metrics
 :mod:`offprincipal.diagnostics`).
 Importing it registers the PEFT method (PEFT requires that) and nothing else: no ``torch.optim`` hook (the adapter
 registers its own when its first layer is created). Experiment helpers live in their modules:
-:mod:`offprincipal.models` (``load_model``, ``ensure_default_model``), :mod:`offprincipal.tasks` (``get_task``,
+:mod:`offprincipal.experiment.models` (``load_model``, ``ensure_default_model``), :mod:`offprincipal.experiment.tasks` (``get_task``,
 ``evaluate_accuracy``).
 """
 

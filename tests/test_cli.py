@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from offprincipal import principal_leak, top_k_subspace
 from offprincipal.cli import main
 from offprincipal.metrics import linear_weights
-from offprincipal.tasks import TASKS, ArithmeticTask
+from offprincipal.experiment.tasks import TASKS, ArithmeticTask
 from conftest import make_tiny_model, make_tokenizer
 
 pytest.importorskip("trl")
@@ -188,7 +188,7 @@ def test_train_baselines(run, method, weights):
 @pytest.mark.parametrize("kind", ["principal", "safe", "random"])
 def test_train_sparse_masks(run, tiny_dir, kind):
     """Entries outside the fixed mask keep their base value bit for bit; the mask has the documented density."""
-    from offprincipal.sparse import mask_density, sparse_masks
+    from offprincipal.experiment.sparse import mask_density, sparse_masks
 
     folder = run(f"sparse-{kind}")
     _, summary = assert_complete_run(folder, "model")
@@ -302,12 +302,12 @@ def test_train_cuda_without_gpu(tiny_dir, digits, tmp_path, capsys):
 
 
 def test_failing_run_leaves_no_folder(tiny_dir, digits, tmp_path, monkeypatch):
-    import offprincipal.report
+    import offprincipal.experiment.report
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(offprincipal.report, "write_train_report", broken)
+    monkeypatch.setattr(offprincipal.experiment.report, "write_train_report", broken)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="disk full"):
         main(tiny_args(tiny_dir, out, steps=1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offprincipal import models
+from offprincipal.experiment import models
 from offprincipal.cli import main
 from offprincipal.files import OWNER_FILE
 from conftest import make_tiny_model, make_tokenizer
@@ -118,7 +118,7 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import offprincipal.cli as cli
 from offprincipal.experiment import runner
-from offprincipal.tasks import TASKS
+from offprincipal.experiment.tasks import TASKS
 from test_cli import DigitTask, tiny_args
 TASKS["digits"] = DigitTask
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offprincipal import models
+from offprincipal.experiment import models
 from offprincipal.files import OWNER_FILE
 from conftest import make_tiny_model, make_tokenizer
 

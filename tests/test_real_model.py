@@ -16,7 +16,7 @@ PROMPT = [{"role": "user", "content": "What is 17 + 25?"}]
 
 @pytest.fixture(scope="module")
 def loaded(smollm2_dir):
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
 
     model, tokenizer = load_model(smollm2_dir)
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -24,7 +24,7 @@ def loaded(smollm2_dir):
 
 
 def fresh_model(smollm2_dir):
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
 
     return load_model(smollm2_dir)[0]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from offprincipal import retention as R
-from offprincipal.tasks import JsonlTaskError
+from offprincipal.experiment import retention as R
+from offprincipal.experiment.tasks import JsonlTaskError
 
 PROMPTS = ["hi there", "name a colour", "write code", "tell a joke", "why is the sky blue", "say yes"]
 
@@ -287,7 +287,7 @@ def test_adapter_kl_uses_the_disabled_adapter(tokenizer):
 
 @pytest.mark.real_model
 def test_smollm2_base_answers_and_zero_drift(smollm2_dir):
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
 
     model, tok = load_model(smollm2_dir)
     prompts = R.load_retention_prompts()[::36]  # an instruction and a code prompt

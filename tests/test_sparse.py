@@ -1,4 +1,4 @@
-"""Sparse-FT masks (offprincipal.sparse): the three kinds against their definitions, and the Trainer callback."""
+"""Sparse-FT masks (offprincipal.experiment.sparse): the three kinds against their definitions, and the Trainer callback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offprincipal.metrics import low_magnitude_mask, principal_weight_mask
-from offprincipal.sparse import SparseMaskCallback, mask_density, sparse_masks
+from offprincipal.experiment.sparse import SparseMaskCallback, mask_density, sparse_masks
 from offprincipal.subspace import top_k_subspace
 
 

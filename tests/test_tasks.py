@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from offprincipal import tasks as T
+from offprincipal.experiment import tasks as T
 
 
 # --- parser and rewards ------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_evaluate_accuracy_tiny_model_runs(tokenizer):
 def test_task_difficulty_calibrated_for_smollm2(smollm2_dir, task, n, low, high):
     """The base model's greedy accuracy on the first n held-out prompts lies in the range the task is meant for
     (figures on all held-out prompts: benchmarks/results/design_figures.md, retention_task_calibration.md)."""
-    from offprincipal.models import load_model
+    from offprincipal.experiment.models import load_model
 
     model, tok = load_model(smollm2_dir)
     accuracy = T.evaluate_accuracy(model, tok, T.get_task(task), n=n, batch_size=25, max_new_tokens=48)

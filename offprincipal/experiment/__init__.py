@@ -7,8 +7,8 @@
 - :mod:`.callbacks`: the Trainer callbacks of a run;
 - :mod:`.runner`: the commands themselves.
 
-Tasks (built-in, JSONL, the retention task) are in :mod:`offprincipal.tasks`, the embedded model in
-:mod:`offprincipal.models`, the retention figures in :mod:`offprincipal.retention`.
+Tasks (built-in, JSONL, the retention task) are in :mod:`offprincipal.experiment.tasks`, the embedded model in
+:mod:`offprincipal.experiment.models`, the retention figures in :mod:`offprincipal.experiment.retention`.
 """
 
 from .errors import UsageError

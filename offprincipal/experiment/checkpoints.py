@@ -51,9 +51,9 @@ def base_fingerprint(model) -> str:
 
 
 def load(value: Optional[str], device: str = "cpu", option: str = "--model", dtype=None):
-    """(model, tokenizer) via :func:`offprincipal.models.load_model` (fp32 unless ``dtype``); load failures become a
+    """(model, tokenizer) via :func:`offprincipal.experiment.models.load_model` (fp32 unless ``dtype``); load failures become a
     UsageError naming ``option``."""
-    from ..models import load_model
+    from .models import load_model
 
     source = model_source(value)
     try:

@@ -1,8 +1,8 @@
 """What a run is judged by: greedy held-out accuracy with intervals, and retention (what it forgot).
 
-The accuracy figures come with 95% intervals (:mod:`offprincipal.stats`): a Wilson interval for an accuracy, and
+The accuracy figures come with 95% intervals (:mod:`offprincipal.experiment.stats`): a Wilson interval for an accuracy, and
 the paired interval of the gain when the same prompts were evaluated before and after training. Retention
-(definitions in :mod:`offprincipal.retention`): the NLL drift of the base model's own greedy answers to general
+(definitions in :mod:`offprincipal.experiment.retention`): the NLL drift of the base model's own greedy answers to general
 prompts and the KL divergence from the base to the tuned model on those answer positions (over the base's top-m
 tokens and the rest as one bucket: a lower bound on the exact KL), and the accuracy on a second verifiable task the
 run does not train on.
@@ -29,7 +29,7 @@ def autocast(args):
 def held_out_correct(model, tokenizer, task, args, n: Optional[int] = None) -> Optional[list[bool]]:
     """Per-prompt greedy correctness on the first ``n`` (default ``--eval-n``) held-out prompts, with the training
     completion budget (None when that is 0)."""
-    from ..tasks import held_out_correct as correct_per_prompt
+    from .tasks import held_out_correct as correct_per_prompt
 
     n = args.eval_n if n is None else n
     if not n:
@@ -46,7 +46,7 @@ def held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
 
 def accuracy_record(before: Optional[list[bool]], after: Optional[list[bool]]) -> dict:
     """before/after accuracy, the after figure's Wilson interval, and the paired gain with its interval."""
-    from ..stats import paired_gain, wilson_interval
+    from .stats import paired_gain, wilson_interval
 
     record = {"before": None if before is None else sum(before) / len(before),
               "after": None if after is None else sum(after) / len(after)}
@@ -68,7 +68,7 @@ def interval_text(accuracy: dict, key: str = "after") -> str:
 
 
 class Retention:
-    """What a run forgets (issue-level definitions in :mod:`offprincipal.retention`): the NLL drift of the base
+    """What a run forgets (issue-level definitions in :mod:`offprincipal.experiment.retention`): the NLL drift of the base
     model's own greedy answers to general prompts and the per-token KL(base ‖ tuned) on those answer positions
     (KL_m over the base's top-m tokens plus one bucket for the rest, m = TOP_M; ≥ 0, 0 iff unchanged there, a lower
     bound on the exact KL), and greedy accuracy on a second task it does not train on. ``measure_base`` runs on the
@@ -76,8 +76,8 @@ class Retention:
     kept in memory), ``measure_tuned`` after (one forward gives NLL(tuned) and the KL)."""
 
     def __init__(self, args, tokenizer):
-        from ..retention import RETENTION_TASK
-        from ..tasks import get_task
+        from .retention import RETENTION_TASK
+        from .tasks import get_task
 
         self.args, self.tokenizer = args, tokenizer
         self.task_name = RETENTION_TASK if args.task != RETENTION_TASK else None
@@ -85,7 +85,7 @@ class Retention:
         self.answers = self.base = self.before = None
 
     def measure_base(self, model) -> None:
-        from ..retention import base_answers, base_statistics
+        from .retention import base_answers, base_statistics
 
         print("retention: the base model's answers to the general prompts (cached), their NLL and the base's top-m "
               "next-token probabilities ...", file=sys.stderr)
@@ -96,7 +96,7 @@ class Retention:
             self.before = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
 
     def measure_tuned(self, model) -> dict:
-        from ..retention import nll_drift
+        from .retention import nll_drift
 
         with autocast(self.args):
             drift = nll_drift(model, self.answers, self.tokenizer, base_stats=self.base)
@@ -115,7 +115,7 @@ class Retention:
 
 def resolve_task(name: str):
     """The task ``--task`` names (a built-in one or a JSONL file); bad names and bad files become UsageErrors."""
-    from ..tasks import get_task
+    from .tasks import get_task
 
     try:
         return get_task(name)

@@ -75,7 +75,7 @@ def _offprincipal_callback(top_k: int):
 
 def _sparse_callback(kind: str) -> Callable[[int], Any]:
     def build(top_k: int):
-        from ..sparse import SparseMaskCallback
+        from .sparse import SparseMaskCallback
 
         return SparseMaskCallback(kind, top_k=top_k)
 

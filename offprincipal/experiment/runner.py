@@ -141,7 +141,7 @@ def peak_memory_mb(device: str) -> float:
 
 def trainable_count(model, callbacks) -> int:
     """Parameters the optimizer can change (for sparse masks, the masks' entries plus the unmasked parameters)."""
-    from ..sparse import SparseMaskCallback
+    from .sparse import SparseMaskCallback
 
     for callback in callbacks:
         if isinstance(callback, SparseMaskCallback):
@@ -184,7 +184,7 @@ def train_into(args, folder: Path, start: float) -> Path:
     from transformers import set_seed
 
     from ..metrics import compare_weights, linear_weights
-    from ..report import write_train_report
+    from .report import write_train_report
 
     load_start = load_average()
     set_seed(args.seed)
@@ -273,7 +273,7 @@ def evaluate(args) -> None:
 
 def analyze(args) -> None:
     from ..metrics import compare_weights, linear_weights
-    from ..report import write_analysis_report
+    from .report import write_analysis_report
 
     tuned_path = tuned_checkpoint(args.tuned)
     target = Path(args.output) if args.output else default_output("analyze")

@@ -1,7 +1,7 @@
 """Retention: how far a tuned model has drifted from the base model's own behaviour on general prompts.
 
 Retention (a), a KL-style forgetting figure. A fixed set of general prompts (instructions, facts, short code,
-chat; no arithmetic) ships as ``offprincipal/data/retention_prompts.jsonl``. The base model answers each greedily
+chat; no arithmetic) ships as ``offprincipal/experiment/data/retention_prompts.jsonl``. The base model answers each greedily
 once (:func:`base_answers`; cached on disk). For any model θ,
 
     NLL(θ) = − Σ_i Σ_t log p_θ(y_{i,t} | x_i, y_{i,<t}) / Σ_i |y_i|
@@ -31,7 +31,7 @@ tuned model gives the same distributions as the base on those positions (exactly
 same batching, precision and device), and > 0 when it changes the probability of any top-m token or of the rest.
 
 Retention (b), accuracy on a second verifiable task the run does not train on, is the built-in task
-:data:`RETENTION_TASK` of :mod:`offprincipal.tasks`, measured with :func:`offprincipal.tasks.evaluate_accuracy`.
+:data:`RETENTION_TASK` of :mod:`offprincipal.experiment.tasks`, measured with :func:`offprincipal.experiment.tasks.evaluate_accuracy`.
 
 The cache is ``cache_root()/retention/<key>.json`` (``$OFFPRINCIPAL_CACHE_DIR`` or ``~/.cache/offprincipal``);
 the key is a BLAKE2b digest of the model's weights (names, dtypes, shapes, bytes), the tokenizer (its serialized
@@ -57,7 +57,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .models import cache_root
-from .files import write_text_atomic
+from ..files import write_text_atomic
 from .tasks import JsonlTaskError, generate_token_ids, raise_bad_lines, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ PathLike = Union[str, os.PathLike]
 
 
 def default_prompts_path() -> Path:
-    """The packaged prompt set, ``offprincipal/data/retention_prompts.jsonl``."""
-    return Path(str(resources.files("offprincipal") / "data" / "retention_prompts.jsonl"))
+    """The packaged prompt set, ``offprincipal/experiment/data/retention_prompts.jsonl``."""
+    return Path(str(resources.files("offprincipal.experiment") / "data" / "retention_prompts.jsonl"))
 
 
 def load_retention_prompts(path: Optional[PathLike] = None) -> list[str]:

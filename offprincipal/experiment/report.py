@@ -21,9 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from .files import to_json, write_json, write_text_atomic
-from .hardware import describe_device  # noqa: F401 - old import path, until benchmarks/bench_kernels.py switches
-from .metrics import LayerRecord
+from ..files import to_json, write_json, write_text_atomic
+from ..metrics import LayerRecord
 
 PLOTS = "plots"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

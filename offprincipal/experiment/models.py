@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .files import OWNER_FILE
+from ..files import OWNER_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Mapping, Optional
 import torch
 from transformers import TrainerCallback
 
-from .metrics import linear_weights, low_magnitude_mask, principal_weight_mask
-from .subspace import compute_subspaces
+from ..metrics import linear_weights, low_magnitude_mask, principal_weight_mask
+from ..subspace import compute_subspaces
 
 MASK_KINDS = ("principal", "safe", "random")
 
