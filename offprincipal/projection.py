@@ -149,18 +149,18 @@ def resolve_backend(backend: str, D: torch.Tensor, what: str = "D") -> str:
         if not D.is_cuda:
             return "torch"
         try:
-            import offprincipal.kernels  # noqa: F401
+            from .kernels import INTERPRETED  # noqa: F401  (loads Triton: ImportError where it is missing)
         except ImportError:
             return "torch"
         return "triton"
     try:
-        from offprincipal import kernels
+        from .kernels import INTERPRETED
     except ImportError as exc:
         raise RuntimeError(
             f"backend='triton' was requested for {what}, but the Triton kernels cannot be imported ({exc}). "
             "Install triton (Linux x86_64) or use backend='torch' / 'auto'."
         ) from exc
-    if not (D.is_cuda or (D.device.type == "cpu" and kernels.INTERPRETED)):
+    if not (D.is_cuda or (D.device.type == "cpu" and INTERPRETED)):
         raise RuntimeError(
             f"backend='triton' cannot run on {what}: it is on device {D.device}, and the kernels run on CUDA tensors "
             "(or on CPU under Triton's interpreter, with TRITON_INTERPRET=1 set before offprincipal.kernels is first "
@@ -203,9 +203,9 @@ def project_(
         project_(shard.local, U_local, V, sides, backend=backend, all_reduce=shard.all_reduce, precision=precision)
         return D
     if resolve_backend(backend, D) == "triton":
-        from offprincipal import kernels
+        from .kernels import project_ as fused_project_
 
-        return kernels.project_(D, U, V, sides, all_reduce=all_reduce, precision=precision)
+        return fused_project_(D, U, V, sides, all_reduce=all_reduce, precision=precision)
     with torch.no_grad():
         return D.copy_(_project(D, U, V, sides, all_reduce, precision))
 

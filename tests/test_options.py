@@ -219,7 +219,7 @@ def test_options_are_validated_before_any_basis_or_collective(monkeypatch):
         raise AssertionError("bases were computed before the options were validated")
 
     monkeypatch.setattr(optim.PrincipalBases, "build", unreachable)
-    monkeypatch.setattr(optim, "broadcast_bases", unreachable)
+    monkeypatch.setattr(optim.bases, "broadcast_bases", unreachable)
     model = make()
     with pytest.raises(ValueError, match=r"OffPrincipalAdamW\.svd_method"):
         OffPrincipalAdamW(model.named_parameters(), svd_method="svds")
