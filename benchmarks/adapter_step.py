@@ -119,7 +119,7 @@ def run_worker(argv: list[str]) -> dict:
 def machine(threads: int) -> str:
     import torch
 
-    from offprincipal.hardware import cpu_name
+    from offprincipal.experiment.hardware import cpu_name
 
     return f"{os.cpu_count()}-core CPU ({cpu_name()}), torch {torch.__version__}, {threads} torch thread(s) per worker, load average at the end {os.getloadavg()[0]:.1f}"
 

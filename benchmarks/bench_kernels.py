@@ -40,7 +40,7 @@ from offprincipal._sides import DEFAULT_PRECISION
 from offprincipal.optim import OffPrincipalAdamW
 from offprincipal.projection import principal_leak, project, project_
 from offprincipal.files import write_text_atomic
-from offprincipal.hardware import describe_device
+from offprincipal.experiment.hardware import describe_device
 
 LLAMA7B_BLOCK = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
                  ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]

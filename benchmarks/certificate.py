@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from offprincipal.files import write_text_atomic
-from offprincipal.hardware import cpu_name
+from offprincipal.experiment.hardware import cpu_name
 from offprincipal import subspace as subspace_mod
 from offprincipal.subspace import CERTIFY_BLOCK, CERTIFY_NITER, Subspace, SubspaceMismatch, certify_subspace, top_k_subspace
 from subspaces import linear_weights  # benchmarks/subspaces.py (this script's folder is on sys.path)

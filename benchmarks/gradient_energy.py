@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from offprincipal.files import write_text_atomic
-from offprincipal.hardware import describe_device
+from offprincipal.experiment.hardware import describe_device
 from offprincipal.projection import principal_leak, project
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "gradient_energy_smollm2_cpu.md"

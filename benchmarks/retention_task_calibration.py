@@ -66,7 +66,7 @@ def main() -> None:
 
     from offprincipal.experiment.models import load_model
     from offprincipal.files import write_text_atomic
-    from offprincipal.hardware import cpu_name
+    from offprincipal.experiment.hardware import cpu_name
     from offprincipal.experiment.tasks import correctness_reward, format_reward, generate_completions, get_task
 
     load_start = os.getloadavg()[0]

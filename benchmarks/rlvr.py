@@ -343,7 +343,7 @@ def _device(suite: Suite, workers: int, threads: int) -> str:
 
         machine = torch.cuda.get_device_name()
     else:
-        from offprincipal.hardware import cpu_name
+        from offprincipal.experiment.hardware import cpu_name
 
         machine = f"{cpu_name()} CPU, {os.cpu_count()} cores, no GPU"
     return f"{machine}; {workers} concurrent run(s), {threads} torch thread(s) each"

@@ -29,7 +29,7 @@ import torch
 
 from offprincipal.subspace import DEFAULT_NITER, DEFAULT_OVERSAMPLE, captured_energy, compute_subspaces
 from offprincipal.files import write_text_atomic
-from offprincipal.hardware import describe_device
+from offprincipal.experiment.hardware import describe_device
 
 LLAMA7B_LAYER = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096), ("o_proj", 4096, 4096),
                  ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]

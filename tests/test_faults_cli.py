@@ -166,7 +166,7 @@ def test_failed_run_without_output_leaves_no_runs_folder(digits, tmp_path, monke
 
 
 def test_precision_choice(monkeypatch):
-    from offprincipal import hardware
+    from offprincipal.experiment import hardware
 
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: False)
     choice = hardware.choose_precision("cpu")
@@ -184,14 +184,14 @@ def test_precision_choice(monkeypatch):
 def test_precision_is_fp32_on_an_avx2_only_cpu():
     """An AVX2-only CPU, emulated by capping torch's and oneDNN's instruction sets: bf16 is never chosen."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    code = "from offprincipal.hardware import choose_precision; c = choose_precision('cpu'); print(c.bf16, c.reason)"
+    code = "from offprincipal.experiment.hardware import choose_precision; c = choose_precision('cpu'); print(c.bf16, c.reason)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("False "), out.stdout
 
 
 def test_train_records_the_precision_and_why(tiny_dir, digits, tmp_path, monkeypatch):  # noqa: F811
-    from offprincipal import hardware
+    from offprincipal.experiment import hardware
 
     monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: False)
     args = [a for a in tiny_args(tiny_dir, tmp_path / "run", steps=1, **{"--eval-every": None}) if a != "--no-bf16"]

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from ..files import to_json
 from ..trainer import OffPrincipalDiagnosticsCallback, PeriodicLogsCallback
 from .methods import get_method
+from .spec import TrainSpec
 
 
 class HeldOutAccuracy(PeriodicLogsCallback):
@@ -72,16 +73,16 @@ def progress_fields(record: dict) -> str:
     return "  ".join(f"{label} {fmt.format(record[key])}" for key, label, fmt in fields if key in record)
 
 
-def build_callbacks(args, metrics_path: Path, evaluate: Callable) -> list:
+def build_callbacks(spec: TrainSpec, metrics_path: Path, evaluate: Callable) -> list:
     """The method's callback (OffPrincipal diagnostics for the adapter, the projected optimizer or a sparse mask for
-    full training), periodic held-out accuracy when ``--eval-every``, and :class:`Progress` last (it sees what the
+    full training), periodic held-out accuracy when ``spec.eval_every``, and :class:`Progress` last (it sees what the
     others add to each log)."""
-    method = get_method(args.method)
+    method = get_method(spec.method)
     callbacks = []
     if method.name == "offprincipal":
         callbacks.append(OffPrincipalDiagnosticsCallback(log_every=1))
     elif method.callback is not None:
-        callbacks.append(method.callback(args.top_k))
-    if args.eval_every and args.eval_n:
-        callbacks.append(HeldOutAccuracy(args.eval_every, evaluate))
+        callbacks.append(method.callback(spec.top_k))
+    if spec.eval_every and spec.eval_n:
+        callbacks.append(HeldOutAccuracy(spec.eval_every, evaluate))
     return callbacks + [Progress(metrics_path, method.name)]

@@ -15,32 +15,33 @@ from contextlib import nullcontext
 from typing import Optional
 
 from .errors import UsageError
+from .spec import EvalSpec, TrainSpec
 
 RETENTION_N = 100  # held-out prompts of the retention task
 
 
-def autocast(args):
+def autocast(spec: EvalSpec):
     """bf16 autocast for evaluation when training runs in bf16 (what the Trainer does for training steps)."""
     import torch
 
-    return torch.autocast(args.device, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    return torch.autocast(spec.device, dtype=torch.bfloat16) if spec.bf16 else nullcontext()
 
 
-def held_out_correct(model, tokenizer, task, args, n: Optional[int] = None) -> Optional[list[bool]]:
-    """Per-prompt greedy correctness on the first ``n`` (default ``--eval-n``) held-out prompts, with the training
+def held_out_correct(model, tokenizer, task, spec: EvalSpec, n: Optional[int] = None) -> Optional[list[bool]]:
+    """Per-prompt greedy correctness on the first ``n`` (default ``spec.eval_n``) held-out prompts, with the training
     completion budget (None when that is 0)."""
     from .tasks import held_out_correct as correct_per_prompt
 
-    n = args.eval_n if n is None else n
+    n = spec.eval_n if n is None else n
     if not n:
         return None
-    with autocast(args):
-        return correct_per_prompt(model, tokenizer, task, n=n, max_new_tokens=args.max_completion_length)
+    with autocast(spec):
+        return correct_per_prompt(model, tokenizer, task, n=n, max_new_tokens=spec.max_completion_length)
 
 
-def held_out_accuracy(model, tokenizer, task, args) -> Optional[float]:
-    """Greedy accuracy on the first ``--eval-n`` held-out prompts (None if 0)."""
-    correct = held_out_correct(model, tokenizer, task, args)
+def held_out_accuracy(model, tokenizer, task, spec: EvalSpec) -> Optional[float]:
+    """Greedy accuracy on the first ``spec.eval_n`` held-out prompts (None if 0)."""
+    correct = held_out_correct(model, tokenizer, task, spec)
     return None if correct is None else sum(correct) / len(correct)
 
 
@@ -75,12 +76,12 @@ class Retention:
     untouched model before training (one forward over the answers gives NLL(base) and the base's top-m statistics,
     kept in memory), ``measure_tuned`` after (one forward gives NLL(tuned) and the KL)."""
 
-    def __init__(self, args, tokenizer):
+    def __init__(self, spec: TrainSpec, tokenizer):
         from .retention import RETENTION_TASK
         from .tasks import get_task
 
-        self.args, self.tokenizer = args, tokenizer
-        self.task_name = RETENTION_TASK if args.task != RETENTION_TASK else None
+        self.spec, self.tokenizer = spec, tokenizer
+        self.task_name = RETENTION_TASK if spec.task != RETENTION_TASK else None
         self.task = get_task(self.task_name) if self.task_name else None
         self.answers = self.base = self.before = None
 
@@ -89,23 +90,23 @@ class Retention:
 
         print("retention: the base model's answers to the general prompts (cached), their NLL and the base's top-m "
               "next-token probabilities ...", file=sys.stderr)
-        with autocast(self.args):
+        with autocast(self.spec):
             self.answers = base_answers(model, self.tokenizer)
             self.base = base_statistics(model, self.tokenizer, self.answers)
-        if self.task is not None and self.args.eval_before:
-            self.before = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
+        if self.task is not None and self.spec.eval_before:
+            self.before = held_out_correct(model, self.tokenizer, self.task, self.spec, self.spec.retention_n)
 
     def measure_tuned(self, model) -> dict:
         from .retention import nll_drift
 
-        with autocast(self.args):
+        with autocast(self.spec):
             drift = nll_drift(model, self.answers, self.tokenizer, base_stats=self.base)
         record = {"nll_drift_nats_per_token": drift.drift_nll, "kl_to_base_nats_per_token": drift.kl_to_base,
                   "kl_top_m": drift.top_m, "tuned_nll_nats_per_token": drift.tuned_nll,
                   "base_nll_nats_per_token": drift.base_nll, "prompts": drift.n_prompts,
                   "answer_tokens": drift.n_tokens, "task": self.task_name}
         if self.task is not None:
-            after = held_out_correct(model, self.tokenizer, self.task, self.args, self.args.retention_n)
+            after = held_out_correct(model, self.tokenizer, self.task, self.spec, self.spec.retention_n)
             record["task_accuracy"] = accuracy_record(self.before, after)
         print(f"retention: NLL drift {drift.drift_nll:+.4f} nats/token, KL to base {drift.kl_to_base:.4f} nats/token"
               + (f"; {self.task_name} accuracy {pct(record['task_accuracy']['before'], 'not measured (--no-eval-before)')} → "

@@ -1,9 +1,12 @@
 """The experiments behind the command line: ``train`` (GRPO or SFT through TRL, with held-out accuracy and
 retention before and after, into a run folder), ``evaluate``, ``analyze`` and ``demo``.
 
-Each function takes the parsed options of its command (an ``argparse.Namespace``; the command line in
-:mod:`offprincipal.cli` documents every option) and raises :class:`~offprincipal.experiment.errors.UsageError`
-for bad input. ``train`` writes ``summary.json`` as :mod:`~offprincipal.experiment.records` defines it.
+The entry points (``train``, ``evaluate``, ``analyze``, ``demo``) take the parsed options of their command (an
+``argparse.Namespace``; the command line in :mod:`offprincipal.cli` documents every option); ``train`` and
+``evaluate`` turn them once into a frozen :class:`~offprincipal.experiment.spec.TrainSpec` /
+:class:`~offprincipal.experiment.spec.EvalSpec`, which is all that the functions below them receive. Bad input
+raises :class:`~offprincipal.experiment.errors.UsageError`. ``train`` writes ``summary.json`` as
+:mod:`~offprincipal.experiment.records` defines it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from .checkpoints import (
 )
 from .errors import UsageError
 from .evaluation import (
-    Retention, accuracy_record, autocast, held_out_accuracy, held_out_correct, interval_text, pct, resolve_task,
+    Retention, accuracy_record, held_out_accuracy, held_out_correct, interval_text, pct, resolve_task,
 )
 from .methods import get_method
 from .records import RunFacts, write_summary
+from .spec import EvalSpec, TrainSpec
 
 
 def resolve_device(choice: str) -> str:
@@ -40,14 +44,14 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
-def resolve_precision(args) -> None:
-    """``args.bf16`` (True/False/None = the machine's best) → ``args.precision`` (with its reason) and a bool
-    ``args.bf16``; prints the choice."""
-    from ..hardware import choose_precision
+def resolve_precision(device: str, bf16: Optional[bool]):
+    """``--bf16`` (True/False/None = the machine's best) on ``device`` → a :class:`~offprincipal.experiment.hardware.Precision`
+    (with its reason); prints the choice."""
+    from .hardware import choose_precision
 
-    args.precision = choose_precision(args.device, args.bf16)
-    args.bf16 = args.precision.bf16
-    print(f"precision: {args.precision.name} ({args.precision.reason})", file=sys.stderr)
+    precision = choose_precision(device, bf16)
+    print(f"precision: {precision.name} ({precision.reason})", file=sys.stderr)
+    return precision
 
 
 @contextmanager
@@ -79,12 +83,12 @@ def load_average() -> Optional[float]:
         return None
 
 
-def common_config(args, scratch: Path) -> dict:
+def common_config(spec: TrainSpec, scratch: Path) -> dict:
     """TrainingArguments shared by GRPO and SFT: one log record per step, nothing saved by the Trainer itself."""
     return dict(
-        output_dir=str(scratch), max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
-        per_device_train_batch_size=args.num_generations * args.prompts_per_step, logging_steps=1,
-        save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu", bf16=args.bf16,
+        output_dir=str(scratch), max_steps=spec.steps, learning_rate=spec.lr, lr_scheduler_type="constant",
+        per_device_train_batch_size=spec.num_generations * spec.prompts_per_step, logging_steps=1,
+        save_strategy="no", report_to=[], seed=spec.seed, use_cpu=spec.device == "cpu", bf16=spec.bf16,
         activation_checkpointing=False,
     )
 
@@ -99,30 +103,30 @@ def sft_dataset(task):
     ])
 
 
-def _peft_config(args):
-    """The adapter config of ``--method`` (None for the full-parameter methods)."""
-    method = get_method(args.method)
-    return method.peft_config(args.rank, args.top_k) if method.peft_config is not None else None
+def _peft_config(spec: TrainSpec):
+    """The adapter config of the run's method (None for the full-parameter methods)."""
+    method = get_method(spec.method)
+    return method.peft_config(spec.rank, spec.top_k) if method.peft_config is not None else None
 
 
-def make_trainer(args, model, tokenizer, task, scratch: Path, callbacks: list):
+def make_trainer(spec: TrainSpec, model, tokenizer, task, scratch: Path, callbacks: list):
     """GRPOTrainer for the RL methods, SFTTrainer for ``sft``; the Trainer's own progress bar is replaced by ours."""
     from transformers.trainer_callback import ProgressCallback
 
-    if get_method(args.method).trainer == "sft":
+    if get_method(spec.method).trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common_config(args, scratch)),
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common_config(spec, scratch)),
                              train_dataset=sft_dataset(task), processing_class=tokenizer, callbacks=callbacks)
     else:
         from trl import GRPOConfig, GRPOTrainer
 
-        config = GRPOConfig(**common_config(args, scratch), num_generations=args.num_generations,
-                            max_completion_length=args.max_completion_length, temperature=args.temperature,
+        config = GRPOConfig(**common_config(spec, scratch), num_generations=spec.num_generations,
+                            max_completion_length=spec.max_completion_length, temperature=spec.temperature,
                             reward_weights=task.reward_weights)
         trainer = GRPOTrainer(model=model, reward_funcs=task.reward_funcs, args=config,
                               train_dataset=task.dataset("train"), processing_class=tokenizer,
-                              peft_config=_peft_config(args), callbacks=callbacks)
+                              peft_config=_peft_config(spec), callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     return trainer
 
@@ -158,19 +162,20 @@ def summarize_rewards(records: list[dict], key: str = "reward") -> dict:
     return {f"{key}_first_fifth": sum(values[:fifth]) / fifth, f"{key}_last_fifth": sum(values[-fifth:]) / fifth}
 
 
-def run_facts(args, progress_records: list[dict], train_seconds: float, start: float, load_start,
-              memory: dict) -> RunFacts:
-    """The typed ``run`` part of ``summary.json``: settings, timings, machine and reward summary."""
-    from ..hardware import describe_machine
+def run_facts(spec: TrainSpec, base_record: dict, progress_records: list[dict], train_seconds: float, start: float,
+              load_start, memory: dict) -> RunFacts:
+    """The typed ``run`` part of ``summary.json``: the spec's settings, the base model (``base_record``: its
+    spec and fingerprint), timings, machine and reward summary."""
+    from .hardware import describe_machine
 
-    method = get_method(args.method)
+    method = get_method(spec.method)
     rewards = summarize_rewards(progress_records)
     return RunFacts(
-        method=method.name, task=args.task, model=args.model or EMBEDDED, **args.base_record, device=args.device,
-        precision=args.precision.name, precision_reason=args.precision.reason, steps=args.steps,
-        learning_rate=args.lr, rank=args.rank if method.has_rank else None, top_k=args.top_k,
-        metrics_k=args.metrics_k, num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
-        max_completion_length=args.max_completion_length, temperature=args.temperature, seed=args.seed,
+        method=method.name, task=spec.task, model=spec.model or EMBEDDED, **base_record, device=spec.device,
+        precision=spec.precision.name, precision_reason=spec.precision.reason, steps=spec.steps,
+        learning_rate=spec.lr, rank=spec.rank if method.has_rank else None, top_k=spec.top_k,
+        metrics_k=spec.metrics_k, num_generations=spec.num_generations, prompts_per_step=spec.prompts_per_step,
+        max_completion_length=spec.max_completion_length, temperature=spec.temperature, seed=spec.seed,
         train_seconds=round(train_seconds, 1), wall_seconds=round(time.perf_counter() - start, 1), **memory,
         load_average_start=load_start, load_average_end=load_average(),
         reward_first_fifth=rewards.get("reward_first_fifth"), reward_last_fifth=rewards.get("reward_last_fifth"),
@@ -178,7 +183,7 @@ def run_facts(args, progress_records: list[dict], train_seconds: float, start: f
     )
 
 
-def train_into(args, folder: Path, start: float) -> Path:
+def train_into(spec: TrainSpec, folder: Path, start: float) -> Path:
     """The whole training job, written into ``folder`` (weights, ``metrics.jsonl``, ``summary.json`` as
     :mod:`~offprincipal.experiment.records` defines it, ``report.md`` with plots); returns the report's path."""
     from transformers import set_seed
@@ -187,33 +192,33 @@ def train_into(args, folder: Path, start: float) -> Path:
     from .report import write_train_report
 
     load_start = load_average()
-    set_seed(args.seed)
-    model, tokenizer = load(args.model, args.device)
-    check_top_k(model, args.top_k)
-    check_top_k(model, args.metrics_k, "--metrics-k")
-    args.base_record = {"base_model": base_spec(args.model), "base_fingerprint": base_fingerprint(model)}
-    task = resolve_task(args.task)
+    set_seed(spec.seed)
+    model, tokenizer = load(spec.model, spec.device)
+    check_top_k(model, spec.top_k)
+    check_top_k(model, spec.metrics_k, "--metrics-k")
+    base_record = {"base_model": base_spec(spec.model), "base_fingerprint": base_fingerprint(model)}
+    task = resolve_task(spec.task)
     base = {name: w.detach().to("cpu", copy=True) for name, w in linear_weights(model).items()}
 
     def evaluate(m):
-        return held_out_accuracy(m, tokenizer, task, args)
+        return held_out_accuracy(m, tokenizer, task, spec)
 
     before = None
-    if args.eval_before:
-        print(f"held-out accuracy before training (greedy, n={args.eval_n}) ...", file=sys.stderr)
-        before = held_out_correct(model, tokenizer, task, args)
+    if spec.eval_before:
+        print(f"held-out accuracy before training (greedy, n={spec.eval_n}) ...", file=sys.stderr)
+        before = held_out_correct(model, tokenizer, task, spec)
         print(f"held-out accuracy before: {pct(accuracy_record(before, None)['before'])}", file=sys.stderr)
-    retention = Retention(args, tokenizer) if args.retention else None
+    retention = Retention(spec, tokenizer) if spec.retention else None
     if retention is not None:
         retention.measure_base(model)
-    callbacks = build_callbacks(args, folder / "metrics.jsonl", evaluate)
-    trainer = make_trainer(args, model, tokenizer, task, folder / "trainer", callbacks)
+    callbacks = build_callbacks(spec, folder / "metrics.jsonl", evaluate)
+    trainer = make_trainer(spec, model, tokenizer, task, folder / "trainer", callbacks)
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
-    memory = {"peak_memory_mb": peak_memory_mb(args.device), "trainable_params": trainable_count(trainer.model, callbacks)}
+    memory = {"peak_memory_mb": peak_memory_mb(spec.device), "trainable_params": trainable_count(trainer.model, callbacks)}
     shutil.rmtree(folder / "trainer", ignore_errors=True)  # the Trainer's scratch output_dir (save_strategy="no")
-    method = get_method(args.method)
+    method = get_method(spec.method)
     is_adapter = method.adapter
     if method.merges_base:  # its adapter is relative to rewritten (residual) base weights: save the merged model
         tuned = trainer.model.merge_and_unload()
@@ -222,29 +227,37 @@ def train_into(args, folder: Path, start: float) -> Path:
     else:
         trainer.save_model(str(folder / ("adapter" if is_adapter else "model")))
         tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
-    accuracy = accuracy_record(before, held_out_correct(tuned, tokenizer, task, args))
+    accuracy = accuracy_record(before, held_out_correct(tuned, tokenizer, task, spec))
     print(f"held-out accuracy after: {pct(accuracy['after'])}", file=sys.stderr)
     retained = retention.measure_tuned(tuned) if retention is not None else None
-    records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=args.metrics_k)
+    records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=spec.metrics_k)
     progress = callbacks[-1].records
-    facts = run_facts(args, progress, train_seconds, start, load_start, memory)
+    facts = run_facts(spec, base_record, progress, train_seconds, start, load_start, memory)
     write_summary(folder, facts, accuracy, retained, summary)
-    return write_train_report(folder, asdict(facts), progress, accuracy, args.eval_n, records, summary, retained)
+    return write_train_report(folder, asdict(facts), progress, accuracy, spec.eval_n, records, summary, retained)
 
 
 def train(args) -> Path:
-    """``offprincipal train``: the run folder ``args.output`` (default ``runs/<method>-<task>-<time>``), built under a
+    """``offprincipal train``: the run folder ``--output`` (default ``runs/<method>-<task>-<time>``), built under a
     temporary name and renamed when complete; returns it."""
     start = time.perf_counter()
-    args.device = resolve_device(args.device)
-    resolve_precision(args)
-    args.method = get_method(args.method).name
-    args.lr = args.lr if args.lr is not None else get_method(args.method).default_lr
-    args.metrics_k = args.metrics_k or args.top_k
-    resolve_task(args.task)  # a bad --task fails before any output folder exists
-    target = Path(args.output) if args.output else default_output(f"{args.method}-{Path(args.task).stem}")
+    # the spec, every default resolved (device, precision, the method's canonical name and default rate, metrics_k);
+    # a bad --task fails here, before any output folder exists
+    device = resolve_device(args.device)
+    method = get_method(args.method)
+    resolve_task(args.task)
+    spec = TrainSpec(
+        device=device, precision=resolve_precision(device, args.bf16), eval_n=args.eval_n,
+        max_completion_length=args.max_completion_length, method=method.name, task=args.task, model=args.model,
+        steps=args.steps, lr=args.lr if args.lr is not None else method.default_lr, rank=args.rank, top_k=args.top_k,
+        metrics_k=args.metrics_k or args.top_k, num_generations=args.num_generations,
+        prompts_per_step=args.prompts_per_step, temperature=args.temperature, eval_before=args.eval_before,
+        eval_every=args.eval_every, retention=args.retention, retention_n=args.retention_n, seed=args.seed,
+        output=args.output,
+    )
+    target = Path(spec.output) if spec.output else default_output(f"{spec.method}-{Path(spec.task).stem}")
     with output_folder(target) as tmp:
-        report = train_into(args, tmp, start)
+        report = train_into(spec, tmp, start)
     print(f"run folder: {target} (report: {target / report.name}; wall time {time.perf_counter() - start:.0f} s)")
     return target
 
@@ -252,13 +265,14 @@ def train(args) -> Path:
 def evaluate(args) -> None:
     from ..files import to_json
 
-    args.device = resolve_device(args.device)
-    resolve_precision(args)
-    model, tokenizer = (load(args.model, args.device) if args.model in (None, EMBEDDED)
+    device = resolve_device(args.device)
+    spec = EvalSpec(device=device, precision=resolve_precision(device, args.bf16), eval_n=args.eval_n,
+                    max_completion_length=args.max_completion_length)
+    model, tokenizer = (load(args.model, device) if args.model in (None, EMBEDDED)
                         else load_tuned(args.base, tuned_checkpoint(args.model), option="--base"))
-    model.to(args.device)
+    model.to(device)
     start = time.perf_counter()
-    correct = held_out_correct(model, tokenizer, resolve_task(args.task), args)
+    correct = held_out_correct(model, tokenizer, resolve_task(args.task), spec)
     accuracy = accuracy_record(None, correct)
     seconds = time.perf_counter() - start
     print(f"held-out accuracy (greedy, first {args.eval_n} {args.task} test prompts): "
@@ -267,7 +281,7 @@ def evaluate(args) -> None:
         print(to_json({"accuracy": accuracy["after"], "accuracy_ci95_low": accuracy["after_ci95_low"],
                        "accuracy_ci95_high": accuracy["after_ci95_high"], "eval_n": len(correct), "task": args.task,
                        "model": describe_model(args.model), "max_completion_length": args.max_completion_length,
-                       "bf16": args.bf16, "precision": args.precision.name, "precision_reason": args.precision.reason,
+                       "bf16": spec.bf16, "precision": spec.precision.name, "precision_reason": spec.precision.reason,
                        "seconds": seconds}))
 
 
