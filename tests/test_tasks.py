@@ -348,3 +348,90 @@ def test_jsonl_task_reports_every_bad_line_and_file_errors(tmp_path):
     assert len(T.get_task(two).rows("train")) == 1
     with pytest.raises(T.JsonlTaskError, match="too few"):
         T.get_task(two, n_test=2)
+
+
+# --- issue 17, findings 6 and 11-13: the JSONL loader keeps what the user wrote, or names the line --------------
+
+
+def _raw_jsonl(path, lines: list[str]) -> "Path":
+    """``lines`` joined by "\\n" and written as UTF-8 bytes (no json.dumps: the test controls every character)."""
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogatepass"))
+    return path
+
+
+_FILLER = [f'{{"prompt": "q{i}?", "answer": {i}}}' for i in range(5)]
+
+
+def test_jsonl_numbers_keep_the_value_written(tmp_path):
+    """Finding 6: floats went through binary64 (1e-400 became "0.0", 20 digits were rounded) so the written
+    answer scored 0. Numbers are now read exactly (plain decimal text of the literal)."""
+    written = {
+        "Tiny?": ("1e-400", "0." + "0" * 399 + "1"),
+        "Twenty digits?": ("12345678901234567.891", "12345678901234567.891"),
+        "Precise?": ("0.10000000000000000001", "0.10000000000000000001"),
+        "Exponent?": ("2.5E3", "2500"),
+        "Trailing zero?": ("1.50", "1.50"),
+        "Big int?": ("123456789012345678901234567890", "123456789012345678901234567890"),
+    }
+    lines = [f'{{"prompt": "{q}", "answer": {literal}}}' for q, (literal, _) in written.items()]
+    task = T.get_task(_raw_jsonl(tmp_path / "exact.jsonl", lines + _FILLER), n_test=2)
+    answers = {r["prompt"][0]["content"]: r["answer"] for r in task.rows("test") + task.rows("train")}
+    for question, (_, text) in written.items():
+        assert answers[question] == text
+        assert T.correctness_reward([f"The answer is {text}"], [answers[question]]) == [1.0]
+    assert T.correctness_reward(["0.0", "12345678901234568"], [answers["Tiny?"], answers["Twenty digits?"]]) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        # finding 6: numbers a binary64 reader turns into infinity; duplicate keys (anywhere) kept only the last
+        ('{"prompt": "b?", "answer": 1e400}', r"bad\.jsonl:2: invalid JSON \(the number 1e400 is beyond"),
+        ('{"prompt": "b?", "answer": -2e308}', r"bad\.jsonl:2: invalid JSON \(the number -2e308 is beyond"),
+        ('{"prompt": "b?", "answer": ' + "9" * 400 + "}", r"bad\.jsonl:2: invalid JSON \(the number 9{10}"),
+        ('{"prompt": "b?", "answer": 1, "answer": 2}', r"bad\.jsonl:2: invalid JSON \(duplicate key 'answer'"),
+        ('{"prompt": "b?", "answer": 1, "meta": {"x": 1, "x": 1}}', r"bad\.jsonl:2: invalid JSON \(duplicate key 'x'"),
+        # finding 11: a lone surrogate (half of a UTF-16 pair) is not text, in a value or in a key
+        (r'{"prompt": "b\ud800?", "answer": 1}', r"bad\.jsonl:2: .*lone surrogate \\ud800 in 'prompt'"),
+        (r'{"prompt": "b?", "answer": "x", "\udfff": 1}', r"bad\.jsonl:2: .*lone surrogate \\udfff in a key"),
+        (r'{"prompt": "b?", "answer": 1, "tags": ["ok", "\udc80"]}', r"bad\.jsonl:2: .*lone surrogate \\udc80 in 'tags'"),
+    ],
+)
+def test_jsonl_refuses_what_it_cannot_keep(tmp_path, line, match):
+    path = _raw_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a?", "answer": 1}', line] + _FILLER)
+    with pytest.raises(T.JsonlTaskError, match=match):
+        T.get_task(str(path))
+
+
+def test_jsonl_surrogate_pair_escape_is_text(tmp_path):
+    """A \\u escape pair that forms one character (U+1F600) is text, not a lone surrogate."""
+    path = _raw_jsonl(tmp_path / "ok.jsonl", [r'{"prompt": "smile \ud83d\ude00?", "answer": 1}'] + _FILLER)
+    prompts = [r["prompt"][0]["content"] for r in T.get_task(path, n_test=1).rows("train") + T.get_task(path, n_test=1).rows("test")]
+    assert "smile \U0001F600?" in prompts
+
+
+def test_jsonl_lines_are_split_on_newline_only(tmp_path):
+    """Finding 12: raw U+2028, U+2029, U+0085 inside a JSON string are characters of that string, not line breaks;
+    only "\\n" ends a line (a "\\r" before it is JSON whitespace)."""
+    odd = "\u2028\u2029\u0085"
+    lines = [f'{{"prompt": "one{ch}two?", "answer": {i}}}' for i, ch in enumerate(odd)]
+    lines.append('{"prompt": "windows line?", "answer": 9}\r')
+    path = _raw_jsonl(tmp_path / "odd.jsonl", lines)
+    task = T.get_task(path, n_test=2)
+    prompts = {r["prompt"][0]["content"] for r in task.rows("test") + task.rows("train")}
+    assert prompts == {f"one{ch}two?" for ch in odd} | {"windows line?"}
+    bad = _raw_jsonl(tmp_path / "bad.jsonl", lines[:3] + ["{oops"])
+    with pytest.raises(T.JsonlTaskError, match=r"bad\.jsonl has 1 bad line\(s\):\n.*bad\.jsonl:4: invalid JSON"):
+        T.get_task(bad)
+
+
+def test_jsonl_non_utf8_byte_names_its_line(tmp_path):
+    """Finding 13: a byte that is not UTF-8 is reported with its line (and column), with every other bad line."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a?", "answer": 1}\n{"prompt": "caf\xe9?", "answer": 2}\n{oops\n'
+                     + "\n".join(_FILLER).encode() + b"\n")
+    with pytest.raises(T.JsonlTaskError, match=r"2 bad line\(s\)") as info:
+        T.get_task(path)
+    message = str(info.value)
+    assert re.search(r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)", message), message
+    assert "latin1.jsonl:3: invalid JSON" in message

@@ -22,7 +22,8 @@ countries of :data:`CAPITALS`, 100 of them held out. Answers are strings: a comp
 Lima."). Calibration: ``benchmarks/results/retention_task_calibration.md``.
 
 The user's own tasks (``get_task("path/to/file.jsonl")``, :func:`load_jsonl_task`): one JSON object per line with
-``prompt`` (string) and ``answer`` (number or string), optional ``id``. A numeric answer is matched by the final
+``prompt`` (string) and ``answer`` (number or string, numbers kept exactly as written), optional ``id``. A
+numeric answer is matched by the final
 number of the completion, a string answer as for the capitals; the format reward is the built-in one. The
 held-out split is chosen by a seeded hash of each prompt (:class:`ExampleTask`).
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -320,37 +322,124 @@ class JsonlTaskError(ValueError):
     """A task file that cannot be used; the message names the file and every bad line."""
 
 
-def _number_text(value: float | int) -> str:
-    """A JSON number as plain decimal text (no exponent), exactly as written in the file's value."""
-    if isinstance(value, int):
-        return str(value)
-    return format(Decimal(repr(value)), "f")
+def _number_text(value: Union[int, Decimal]) -> str:
+    """A JSON number as plain decimal text (no exponent), exactly as written in the file ("2.5E3" → "2500",
+    "1.50" → "1.50", "1e-400" → "0.00…01")."""
+    return str(value) if isinstance(value, int) else format(value, "f")
 
 
-def read_jsonl(path: Union[str, os.PathLike], what: str = "task file") -> tuple[list[tuple[int, Any]], list[str]]:
-    """(line number, parsed JSON value) of every non-blank line of ``path`` that parses, and an error message
-    ("<path>:<line>: invalid JSON (...)") for every line that does not; raises :class:`JsonlTaskError` when the
-    file cannot be read. Callers add their own checks of the values and report all errors together."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JsonlTaskError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise JsonlTaskError(f"{what} {path} cannot be read as UTF-8 text: {exc}") from None
-    values, errors = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            values.append((lineno, json.loads(line, parse_constant=_reject_constant)))
-        except ValueError as exc:
-            errors.append(f"{path}:{lineno}: invalid JSON ({exc})")
-    return values, errors
+def _type_name(value: Any) -> str:
+    """The name of a parsed JSON value's type as the error messages give it (an exact float is a float)."""
+    return "float" if isinstance(value, Decimal) else type(value).__name__
+
+
+def _finite_number(text: str) -> str:
+    """``text`` (a JSON number literal) unless a binary64 reader would make it ±inf (|x| ≥ ~1.8e308)."""
+    if math.isinf(float(text)):
+        shown = text if len(text) <= 24 else f"{text[:20]}…({len(text)} characters)"
+        raise ValueError(
+            f"the number {shown} is beyond the range of a 64-bit float (±1.8e308), where JSON readers make it "
+            "infinite; write a number in that range, or the answer as a string"
+        )
+    return text
+
+
+def _exact_float(text: str) -> Decimal:
+    return Decimal(_finite_number(text))
+
+
+def _exact_int(text: str) -> int:
+    return int(_finite_number(text))
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}; each key may appear once per object")
+        obj[key] = value
+    return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, field: Optional[str] = None) -> Optional[str]:
+    """Where a string of ``value`` (keys included, at any depth) holds a lone surrogate: "\\ud800 in 'prompt'"
+    (the top-level field) or "\\udfff in a key"; None when every string is text. A surrogate PAIR escape is
+    decoded by ``json`` into its one character, so only unpaired halves remain."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        where = f"'{field}'" if field is not None else "a string"
+        return f"\\u{ord(found.group()):04x} in {where}" if found else None
+    children: list[tuple[Optional[str], Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _SURROGATE.search(key)
+            if found:
+                return f"\\u{ord(found.group()):04x} in a key"
+            children.append((key if field is None else field, item))
+    elif isinstance(value, list):
+        children = [(field, item) for item in value]
+    for child_field, item in children:
+        found = _lone_surrogate(item, child_field)
+        if found:
+            return found
+    return None
+
+
+def parse_json_line(line: str) -> Any:
+    """One JSON value, read strictly: numbers exactly (floats as ``Decimal``, ints as ``int``; numbers a binary64
+    reader would make infinite are refused), NaN/Infinity and duplicate keys refused (``ValueError``)."""
+    return json.loads(
+        line, parse_float=_exact_float, parse_int=_exact_int, parse_constant=_reject_constant,
+        object_pairs_hook=_object_without_duplicates,
+    )
+
+
+def read_jsonl(path: Union[str, os.PathLike], what: str = "task file") -> tuple[list[tuple[int, Any]], list[str]]:
+    """(line number, parsed value) of every non-blank line of ``path`` that is a valid JSON value
+    (:func:`parse_json_line`) of text, and an error message ("<path>:<line>: ...") for every line that is not;
+    raises :class:`JsonlTaskError` when the file cannot be read. Callers add their own checks of the values and
+    report all errors together.
+
+    Lines end at "\\n" only (JSON Lines): U+2028, U+2029 and U+0085 inside a string are characters of it, and a
+    "\\r" before the "\\n" is JSON whitespace. Each line must be UTF-8 (a bad byte is reported with its line and
+    byte column) and its strings text: a lone surrogate escape such as ``"\\ud800"`` (half of a UTF-16 pair,
+    which no UTF-8 text can hold) is refused here rather than when a tokenizer meets it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise JsonlTaskError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise JsonlTaskError(f"{what} {path} cannot be read: {exc}") from None
+    values, errors = [], []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                          "save the file as UTF-8")
+            continue
+        if not line.strip(" \t\r"):
+            continue
+        try:
+            value = parse_json_line(line)
+        except ValueError as exc:
+            errors.append(f"{path}:{lineno}: invalid JSON ({exc})")
+            continue
+        surrogate = _lone_surrogate(value)
+        if surrogate is not None:
+            errors.append(f"{path}:{lineno}: a lone surrogate {surrogate} (half of a UTF-16 pair, not a character); "
+                          "write the character itself, or both halves of its \\u pair")
+            continue
+        values.append((lineno, value))
+    return values, errors
 
 
 def raise_bad_lines(errors: list[str], path, what: str = "task file", limit: int = 20) -> None:
@@ -375,12 +464,12 @@ def _jsonl_row(path, lineno: int, row: Any) -> tuple[Optional[str], Optional[tup
         return f"{where} 'prompt' must be a string, got {type(prompt).__name__}", None
     if not prompt.strip():
         return f"{where} 'prompt' is empty", None
-    if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
-        return f"{where} 'answer' must be a number or a string, got {type(answer).__name__}", None
+    if isinstance(answer, bool) or not isinstance(answer, (int, Decimal, str)):
+        return f"{where} 'answer' must be a number or a string, got {_type_name(answer)}", None
     if isinstance(answer, str) and not normalize_answer(answer):
         return f"{where} 'answer' is empty (or only punctuation)", None
     if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (int, str))):
-        return f"{where} 'id' must be a string or an integer, got {type(row_id).__name__}", None
+        return f"{where} 'id' must be a string or an integer, got {_type_name(row_id)}", None
     return None, (prompt, answer if isinstance(answer, str) else _number_text(answer))
 
 
@@ -395,8 +484,10 @@ def load_jsonl_task(
 
     ``prompt`` (non-empty, distinct across lines) is the user message; ``answer`` the reference, scored by
     :func:`answer_matches`; ``id`` (optional, string or integer, distinct) is for the user's bookkeeping; other
-    fields are ignored; blank lines are skipped. Every bad line is reported with the file name and line number
-    in one :class:`JsonlTaskError`. The split is :class:`ExampleTask`'s; the task's name is the file's stem.
+    fields are ignored; blank lines are skipped. A numeric answer keeps the exact value written (its plain
+    decimal text: "2.5E3" → "2500", 20 digits stay 20 digits); lines are read by :func:`read_jsonl`, which refuses
+    numbers beyond a 64-bit float's range, duplicate keys, lone surrogates and bytes that are not UTF-8. Every bad
+    line is reported with the file name and line number in one :class:`JsonlTaskError`. The split is :class:`ExampleTask`'s; the task's name is the file's stem.
     """
     pairs = []
     first_line_of: dict[str, int] = {}
