@@ -23,9 +23,8 @@ Lima."). Calibration: ``benchmarks/results/retention_task_calibration.md``.
 
 The user's own tasks (``get_task("path/to/file.jsonl")``, :func:`load_jsonl_task`): one JSON object per line with
 ``prompt`` (string) and ``answer`` (number or string, numbers kept exactly as written), optional ``id``. A
-numeric answer is matched by the final
-number of the completion, a string answer as for the capitals; the format reward is the built-in one. The
-held-out split is chosen by a seeded hash of each prompt (:class:`ExampleTask`).
+numeric answer is matched by the final number of the completion, a string answer as for the capitals; the format
+reward is the built-in one. The held-out split is chosen by a seeded hash of each prompt (:class:`ExampleTask`).
 """
 
 from __future__ import annotations
