@@ -7,6 +7,8 @@ Each test reproduces one finding of the field report: it failed on the code befo
 - 15: Ctrl-C printed a traceback; SIGTERM/SIGKILL left hidden temporary run folders forever; a failed run without
   ``--output`` left an empty ``runs/``.
 - 16: bf16 autocast by default on a CPU that has no native bf16 (there, 20-40× slower than fp32).
+
+Issue 17, findings 7, 8, 10 (temporary folders claimed with a lock) and 9 (a cache on a full disk) are at the end.
 """
 
 from __future__ import annotations
@@ -140,22 +142,6 @@ def test_sigterm_cleans_up(tiny_dir, tmp_path):  # noqa: F811
     assert not (tmp_path / "runs").exists()
 
 
-def test_temp_folders_of_killed_runs_are_removed_and_no_others(tiny_dir, digits, tmp_path):  # noqa: F811
-    runs = tmp_path / "runs"
-    killed = runs / ".x.tmp-killed"  # what a SIGKILLed run leaves: our owner file naming a dead process
-    killed.mkdir(parents=True)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (killed / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
-    alive = runs / ".x.tmp-running"  # a run still writing (this very process)
-    alive.mkdir()
-    (alive / OWNER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
-    users = runs / ".x.tmp-users"  # no owner file: not ours
-    users.mkdir()
-    assert main(tiny_args(tmp_path / "missing-model", runs / "x")) == 2  # fails after the sweep
-    assert sorted(p.name for p in temp_folders(runs)) == [".x.tmp-running", ".x.tmp-users"]
-
-
 def test_failed_run_without_output_leaves_no_runs_folder(digits, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     assert main(tiny_args(tmp_path / "missing-model", None)) == 2
@@ -199,3 +185,146 @@ def test_train_records_the_precision_and_why(tiny_dir, digits, tmp_path, monkeyp
     run_facts = json.loads((tmp_path / "run" / "summary.json").read_text())["run"]
     assert run_facts["precision"] == "fp32" and "no AVX512_BF16/AMX" in run_facts["precision_reason"]
     assert "no AVX512_BF16/AMX" in (tmp_path / "run" / "report.md").read_text()
+
+
+# --- issue 17, findings 7, 8, 10: temporary run folders are claimed with a lock, not a pid guess ----------------
+
+import logging  # noqa: E402
+import signal  # noqa: E402
+
+from offprincipal import files  # noqa: E402
+
+# A writer that holds atomic_dir(target) open until its stdin closes. With a second argument it rewrites the pid in
+# its owner file to that number (keeping the file and its lock): what a writer in another PID namespace looks like
+# from here, whose pid means nothing (or another process) in ours.
+WRITER = """
+import json, sys
+from offprincipal.files import atomic_dir, OWNER_FILE
+with atomic_dir(sys.argv[1]) as tmp:
+    if len(sys.argv) > 2:
+        with open(tmp / OWNER_FILE, "r+") as handle:
+            record = json.load(handle)
+            record["pid"] = int(sys.argv[2])
+            handle.seek(0); handle.truncate(); handle.write(json.dumps(record)); handle.flush()
+    (tmp / "out.txt").write_text("first writer")
+    print(tmp, flush=True)
+    sys.stdin.readline()
+"""
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+class Writer:
+    """A live writer process into ``target`` (see WRITER); ``.tmp`` is its temporary folder."""
+
+    def __init__(self, target: Path, fake_pid: int | None = None):
+        args = [sys.executable, "-c", WRITER, str(target)] + ([str(fake_pid)] if fake_pid is not None else [])
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.tmp = Path(self.proc.stdout.readline().strip())
+        assert self.tmp.is_dir(), self.proc.communicate(timeout=60)
+
+    def finish(self) -> int:
+        self.proc.communicate("\n", timeout=60)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
+def test_second_writer_is_refused_before_its_work_starts(tmp_path):
+    """Finding 8, one PID namespace: the second writer did all its work, then died at the rename (ENOTEMPTY) or
+    took the target first. Now it is refused on entry, and the first writer's folder is untouched."""
+    target = tmp_path / "runs" / "x"
+    first = Writer(target)
+    body_ran = False
+    with pytest.raises(files.FolderBusyError, match=r"runs/x is being written by another process \(pid \d+ on host "):
+        with files.atomic_dir(target):
+            body_ran = True
+    assert not body_ran and (first.tmp / "out.txt").read_text() == "first writer"
+    assert first.finish() == 0
+    assert (target / "out.txt").read_text() == "first writer" and sorted(p.name for p in target.iterdir()) == ["out.txt"]
+    assert temp_folders(target.parent) == []
+
+
+def test_writer_of_another_pid_namespace_is_never_swept(tmp_path):
+    """Finding 8, a container sharing the volume: its pid does not exist here, so a pid check said "dead" and
+    deleted its live folder. Liveness is its lock: the folder is kept, a writer to the same target is refused."""
+    target = tmp_path / "runs" / "x"
+    first = Writer(target, fake_pid=dead_pid())
+    with files.atomic_dir(tmp_path / "runs" / "other") as tmp:  # any run in the same parent sweeps
+        (tmp / "y").write_text("y")
+    assert (first.tmp / "out.txt").read_text() == "first writer"
+    with pytest.raises(files.FolderBusyError, match="being written by another process"):
+        with files.atomic_dir(target):
+            pass
+    assert (first.tmp / "out.txt").read_text() == "first writer"
+    assert first.finish() == 0 and (target / "out.txt").read_text() == "first writer"
+
+
+def test_second_train_into_the_same_output_is_refused(tiny_dir, digits, tmp_path, capsys):  # noqa: F811
+    target = tmp_path / "runs" / "x"
+    first = Writer(target)
+    assert main(tiny_args(tiny_dir, target)) == 2
+    err = capsys.readouterr().err
+    assert f"--output {target}: is being written by another process" in err and "Traceback" not in err
+    assert first.finish() == 0 and (target / "out.txt").read_text() == "first writer"
+
+
+def test_target_that_appears_during_the_write_keeps_the_output(tmp_path):
+    """Finding 8's class: a folder made at the target while we wrote (by anyone) is neither replaced nor merged,
+    and our finished output is not deleted: it stays at its temporary name, which the error names."""
+    target = tmp_path / "x"
+    with pytest.raises(FileExistsError, match=r"appeared while it was being written; the complete output is kept in") as info:
+        with files.atomic_dir(target) as tmp:
+            (tmp / "result.txt").write_text("ours")
+            target.mkdir()  # an empty folder: os.rename would silently replace it
+    assert list(target.iterdir()) == []
+    kept = Path(str(info.value).split("kept in ", 1)[1].split(";")[0])
+    assert (kept / "result.txt").read_text() == "ours" and not (kept / files.OWNER_FILE).exists()
+    with files.atomic_dir(tmp_path / "later"):  # a later sweep leaves it: it is no longer claimed by anyone
+        pass
+    assert (kept / "result.txt").read_text() == "ours"
+
+
+def test_abandoned_temps_of_any_run_are_removed_by_a_later_run(tiny_dir, digits, tmp_path):  # noqa: F811
+    """Finding 7: a SIGKILLed run's folder was removed only by a run with the same target name, so runs into the
+    default timestamped folders never cleaned up. Now any later run in the same parent removes it, and nothing else."""
+    runs = tmp_path / "runs"
+    killed = Writer(runs / "offprincipal-digits-20260101-000000")
+    killed.kill()
+    killed_same = Writer(runs / "offprincipal-digits-20260101-000002")  # the very target of the next run
+    killed_same.kill()
+    live = Writer(runs / "offprincipal-digits-20260101-000001", fake_pid=dead_pid())
+    other_host = runs / ".y.tmp-otherhost"  # a writer on another machine sharing the folder: its lock may not reach us
+    other_host.mkdir()
+    (other_host / files.OWNER_FILE).write_text(json.dumps({**json.loads((live.tmp / files.OWNER_FILE).read_text()),
+                                                           "host": "some-other-host"}))
+    users = runs / ".z.tmp-users"  # no owner file: not ours
+    users.mkdir()
+    assert main(tiny_args(tmp_path / "missing-model", runs / "offprincipal-digits-20260101-000002")) == 2
+    assert not killed.tmp.exists() and not killed_same.tmp.exists()
+    assert sorted(p.name for p in temp_folders(runs)) == sorted([live.tmp.name, other_host.name, users.name])
+    assert live.finish() == 0
+
+
+@pytest.mark.parametrize("owner", [
+    '{"by": "offprincipal", "format": 2, "host": "%s", "pid": 1099511627776}',  # 2**40: os.kill overflowed
+    '{"by": "offprincipal", "format": 2, "host": "%s", "pid": 1e400}',  # inf: int() overflowed
+    '{"host": "%s", "pid": "12"}', '{"host": "%s"}', '["%s", 1]', "%s \x00\xff", "",
+])
+def test_malformed_owner_file_is_kept_with_a_warning(tmp_path, owner, caplog):
+    """Finding 10: an owner file naming pid 2**40 or 1e400 raised OverflowError from every later run. A malformed
+    (or older, lockless) owner file proves nothing: the folder is kept, with one warning naming it."""
+    bad = tmp_path / ".x.tmp-bad"
+    bad.mkdir()
+    (bad / files.OWNER_FILE).write_text(owner.replace("%s", os.uname().nodename) if "%s" in owner else owner)
+    with caplog.at_level(logging.WARNING, logger="offprincipal.files"):
+        with files.atomic_dir(tmp_path / "x") as tmp:
+            (tmp / "ok").write_text("ok")
+    assert (tmp_path / "x" / "ok").read_text() == "ok" and bad.is_dir()
+    assert any(str(bad) in r.getMessage() and "left in place" in r.getMessage() for r in caplog.records), caplog.text

@@ -58,8 +58,9 @@ def resolve_precision(device: str, bf16: Optional[bool]):
 def output_folder(target: Path, option: str = "--output") -> Iterator[Path]:
     """:func:`offprincipal.files.atomic_dir` with its refusals as UsageErrors naming ``option``: a folder at
     ``target`` is always complete, a failed or interrupted command leaves nothing behind (not even a ``runs/`` it
-    created), and temporary folders of killed earlier runs are removed."""
-    from ..files import atomic_dir
+    created), temporary folders of killed earlier runs in the same parent are removed, and a second command
+    writing the same ``target`` is refused before it starts."""
+    from ..files import FolderBusyError, atomic_dir
 
     target = Path(target).expanduser()
     if target.exists():
@@ -67,9 +68,15 @@ def output_folder(target: Path, option: str = "--output") -> Iterator[Path]:
     with ExitStack() as stack:
         try:
             tmp = stack.enter_context(atomic_dir(target))
+        except FolderBusyError as exc:
+            raise UsageError(f"{option} {target}: {exc.detail}") from exc
         except OSError as exc:
             raise UsageError(f"{option} {target}: cannot create it ({exc.strerror or exc}); pass a writable folder") from exc
         yield tmp
+        try:
+            stack.close()  # renames the folder into place
+        except FileExistsError as exc:  # the target appeared meanwhile; the output is kept (the message says where)
+            raise UsageError(f"{option} {exc}") from exc
 
 
 def default_output(kind: str) -> Path:
