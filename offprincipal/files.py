@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from safetensors import SafetensorError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no lock can prove a writer gone, so nothing is swept
@@ -51,6 +53,23 @@ _renameat2 = _libc_renameat2()
 PathLike = Union[str, os.PathLike]
 OWNER_FILE = ".offprincipal-owner.json"
 TMP_INFIX = ".tmp-"
+
+
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, SafetensorError)
+"""What a failed write raises: safetensors' writer reports the system's errors (ENOSPC on a full disk, EDQUOT,
+EFBIG, EIO) as ``SafetensorError``, which is not an ``OSError``."""
+
+_unwritable_warned: set[str] = set()
+
+
+def cache_unwritable(what: str, location: PathLike, exc: BaseException, hint: str) -> None:
+    """Log that the cache ``what`` at ``location`` cannot be written (``exc``) and the run goes on without it: one
+    warning per cache location and process, ``hint`` saying how to keep the cache."""
+    key = f"{what}\x00{location}"
+    if key not in _unwritable_warned:
+        _unwritable_warned.add(key)
+        logger.warning("%s %s cannot be written (%s: %s); going on without the cache. %s", what, location,
+                       type(exc).__name__, exc, hint)
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:

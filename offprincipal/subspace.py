@@ -43,6 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .files import WRITE_ERRORS, cache_unwritable
+
 logger = logging.getLogger(__name__)
 
 SVD_METHODS = ("exact", "randomized")
@@ -393,8 +395,6 @@ FINGERPRINT_RE = re.compile(r"[0-9a-f]{32}")
 """The only form a fingerprint (:func:`fingerprint`) takes: 32 lowercase hex digits."""
 _TAG_RE = re.compile(r"exact|randomized-o[0-9]{1,6}-n[0-9]{1,6}-s[0-9]{1,20}")
 
-_unusable_warned: set[str] = set()
-
 
 class SubspaceCache:
     """Content-addressed store of :class:`Subspace` files: ``<dir>/<fp[:2]>/<fp>-<tag>-k<k>.safetensors``.
@@ -403,8 +403,8 @@ class SubspaceCache:
     a positive int; :meth:`path` refuses anything else (e.g. a crafted ``../`` in a state dict's metadata), so
     no file outside :attr:`directory` is ever read or written. Files are written to a temporary name and renamed
     (the temporary file is removed on failure). A location that cannot be written (a file where a folder should
-    be, no permission) gives one warning per folder and :meth:`store` returns ``False``; callers go on without
-    the cache. What :meth:`load` returns has the file's header checked (fingerprint, tag, format version,
+    be, no permission, a full disk: any of :data:`~offprincipal.files.WRITE_ERRORS`) gives one warning per folder
+    and :meth:`store` returns ``False``; callers go on without the cache. What :meth:`load` returns has the file's header checked (fingerprint, tag, format version,
     shapes, k, fp32) and, when the ``weight`` is given, is certified against it (:func:`certify_subspace`).
     """
 
@@ -493,19 +493,13 @@ class SubspaceCache:
             save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, path)
             return True
-        except OSError as exc:
+        except WRITE_ERRORS as exc:  # a full disk raises SafetensorError from save_file, not OSError
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            key = str(self.directory)
-            if key not in _unusable_warned:
-                _unusable_warned.add(key)
-                logger.warning(
-                    "subspace cache %s cannot be written (%s: %s); going on without the cache. Point cache_dir (or "
-                    "$OFFPRINCIPAL_CACHE_DIR) at a writable folder to keep the bases between runs.",
-                    self.directory, type(exc).__name__, exc,
-                )
+            cache_unwritable("subspace cache", self.directory, exc, "Point cache_dir (or $OFFPRINCIPAL_CACHE_DIR) at "
+                             "a writable folder with free space to keep the bases between runs.")
             return False
 
 

@@ -430,6 +430,94 @@ def test_get_peft_model_with_an_unusable_cache_runs_uncached(tmp_path, caplog):
     assert model is not None and len(_cache_warnings(caplog)) == 1
 
 
+# --- issue 17, finding 9: a cache on a full disk -----------------------------------------------------------------
+
+ENOSPC_TEXT = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every subspace cache write fails as safetensors' writer fails on a full disk: a SafetensorError (not an
+    OSError) after the file was opened (a partial temporary file is left for the cache to remove)."""
+    from safetensors import SafetensorError
+
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 8)
+        raise SafetensorError(ENOSPC_TEXT)
+
+    monkeypatch.setattr(subspace_mod, "save_file", save_file)
+
+
+def test_get_peft_model_on_a_full_disk_gives_one_warning_and_runs_uncached(tmp_path, caplog, full_disk):
+    """Before: get_peft_model died with SafetensorError. Now: one warning, the same bases as without a cache,
+    no file left in the cache folder."""
+    from peft import get_peft_model
+
+    import offprincipal
+    from conftest import make_tiny_model
+
+    def build(cache):
+        config = offprincipal.OffPrincipalConfig(r=2, top_k=4, target_modules=["q_proj", "v_proj"],
+                                                 subspace_cache_dir=cache)
+        torch.manual_seed(0)
+        return get_peft_model(make_tiny_model(), config)
+
+    with caplog.at_level(logging.WARNING):
+        model = build(str(tmp_path / "cache"))
+    warned = _cache_warnings(caplog)
+    assert len(warned) == 1 and "SafetensorError" in warned[0].getMessage() and "No space left" in warned[0].getMessage()
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    reference = dict(build(False).named_modules())
+    layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "offprincipal_U")]
+    assert layers and all(
+        torch.equal(m.offprincipal_U["default"], reference[name].offprincipal_U["default"])
+        and torch.equal(m.offprincipal_V["default"], reference[name].offprincipal_V["default"]) for name, m in layers
+    )
+
+
+def test_optimizer_on_a_full_disk_gives_one_warning_and_runs_uncached(tmp_path, caplog, full_disk):
+    model = make()
+    with caplog.at_level(logging.WARNING):
+        opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, progress=False, cache_dir=tmp_path / "cache")
+    assert len(_cache_warnings(caplog)) == 1
+    train(model, opt, torch.Generator().manual_seed(0), 2)
+    reference = make()
+    opt_ref = OffPrincipalAdamW(reference.named_parameters(), top_k=4, progress=False, cache_dir=False)
+    train(reference, opt_ref, torch.Generator().manual_seed(0), 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+FILE_SIZE_LIMIT = """
+import logging, resource, signal, sys
+import torch
+from offprincipal.subspace import compute_subspaces
+torch.manual_seed(0)
+weights = {f"w{i}": torch.randn(64, 48) for i in range(3)}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-limit write then fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+subs = compute_subspaces(weights, 4, cache_dir=sys.argv[1], progress=False)
+print(sorted(subs), flush=True)
+"""
+
+
+def test_cache_write_refused_by_the_kernel_gives_one_warning(tmp_path):
+    """The real writer, failing in the kernel: a file-size limit (RLIMIT_FSIZE) makes safetensors' write fail
+    (EFBIG) as a full disk does (ENOSPC; no small full filesystem can be mounted in a test). Before: the process
+    died with SafetensorError."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path / "cache")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "['w0', 'w1', 'w2']"
+    lines = [line for line in out.stderr.splitlines() if "cannot be written" in line]
+    assert len(lines) == 1 and "File too large" in lines[0], out.stderr[-3000:]
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
 # --- finding 14: a state for other shapes ------------------------------------------------------------------------
 
 

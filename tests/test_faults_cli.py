@@ -328,3 +328,34 @@ def test_malformed_owner_file_is_kept_with_a_warning(tmp_path, owner, caplog):
             (tmp / "ok").write_text("ok")
     assert (tmp_path / "x" / "ok").read_text() == "ok" and bad.is_dir()
     assert any(str(bad) in r.getMessage() and "left in place" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# --- issue 17, finding 9: `offprincipal train` with its caches on a full disk ---------------------------------
+
+
+def test_train_with_its_caches_on_a_full_disk_runs_uncached(tiny_dir, digits, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """Every cache write fails as on a full disk (the bases' safetensors writer with SafetensorError, the base
+    answers' JSON with OSError ENOSPC). Before: the run died with SafetensorError. Now: one warning per cache and
+    a complete run."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from offprincipal import subspace
+    from offprincipal.experiment import retention
+
+    def full_safetensors(tensors, filename, metadata=None):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    def full_text(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(subspace, "save_file", full_safetensors)
+    monkeypatch.setattr(retention, "write_text_atomic", full_text)
+    with caplog.at_level(logging.WARNING):
+        assert main(tiny_args(tiny_dir, tmp_path / "run", steps=1, **{"--eval-every": None})) == 0
+    assert (tmp_path / "run" / "summary.json").is_file()
+    warned = sorted(r.getMessage().split(" ", 2)[0] + " " + r.getMessage().split(" ", 2)[1]
+                    for r in caplog.records if "cannot be written" in r.getMessage())
+    assert warned == ["retention cache", "subspace cache"], caplog.text

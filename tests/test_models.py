@@ -160,6 +160,37 @@ def test_ensure_default_model_uses_model_dir(fake_gguf, tmp_path, monkeypatch):
     assert models.ensure_default_model() == path and len(calls) == 1
 
 
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_model_store_on_a_full_disk_loads_the_gguf_with_one_warning(fake_gguf, tmp_path, monkeypatch, caplog, error):
+    """Issue 17, finding 9 (the model store is a cache too): a conversion whose write fails as on a full disk
+    (safetensors raises SafetensorError, not OSError; other writes ENOSPC) used to end the run. Now: one warning,
+    the model is loaded from its GGUF file, nothing is left in the store."""
+    import errno
+    import logging
+
+    from safetensors import SafetensorError
+
+    gguf, calls = fake_gguf
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: gguf)
+    monkeypatch.setenv("OFFPRINCIPAL_MODEL_DIR", str(tmp_path / "store"))
+    failure = (SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                               'left on device" })') if error == "safetensors"
+               else OSError(errno.ENOSPC, "No space left on device"))
+
+    def full_disk(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(type(make_tiny_model()), "save_pretrained", full_disk)
+    with caplog.at_level(logging.WARNING):
+        model, tokenizer = models.load_model()
+        models.load_model()
+    assert model is not None and tokenizer is not None and len(calls) == 4  # two failed conversions, two GGUF loads
+    warned = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warned) == 1 and "model cache" in warned[0] and "No space left" in warned[0], caplog.text
+    assert not (tmp_path / "store" / models.DEFAULT_MODEL_NAME).exists()
+    assert [p for p in (tmp_path / "store").iterdir() if not p.name.endswith(".lock")] == []
+
+
 # --- the real embedded model --------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ The conversion is atomic: it is built in a temporary directory next to the targe
 file (:data:`MARKER`, which records the source GGUF's name and size), and then renamed into place. A directory
 without a matching marker is never loaded, and one without any marker of ours (a user's own folder) is never
 replaced or deleted; a file lock serialises concurrent converters, and temporary directories left by an
-interrupted conversion (they carry our owner file) are removed by the next one.
+interrupted conversion (they carry our owner file) are removed by the next one. A store that cannot be written
+(a full disk, no permission) gives one warning, and :func:`load_model` reads the GGUF file instead.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 
-from ..files import OWNER_FILE
+from ..files import OWNER_FILE, WRITE_ERRORS, cache_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,15 @@ class ForeignModelDirError(FileExistsError):
     """The conversion target exists but was not written by OffPrincipal; it is never deleted or replaced."""
 
 
+class ModelStoreUnwritable(OSError):
+    """The conversion could not be written (a full disk, no permission); nothing of it is left in the store.
+    ``folder`` is the store, ``__cause__`` the write error (an ``OSError`` or safetensors' ``SafetensorError``)."""
+
+    def __init__(self, folder: Path, cause: BaseException):
+        super().__init__(f"model store {folder} cannot be written ({type(cause).__name__}: {cause})")
+        self.folder = folder
+
+
 def _strip_gguf_quantizer(model) -> None:
     """Detach the GGUF quantizer transformers leaves on a de-quantized model (it blocks Trainer/save)."""
     model.hf_quantizer = None
@@ -148,36 +158,51 @@ def convert_gguf(gguf_path: PathLike, target: PathLike) -> Path:
 
     The model is saved in fp32 (the exact de-quantized values). An existing complete conversion of the same
     GGUF is kept as is; an older or mismatched conversion of ours (it holds :data:`MARKER`) is replaced. Any other
-    existing ``target`` (a user's own folder) is left untouched: :class:`ForeignModelDirError`.
+    existing ``target`` (a user's own folder) is left untouched: :class:`ForeignModelDirError`. A store that
+    cannot be written (a full disk, no permission) raises :class:`ModelStoreUnwritable` and keeps nothing.
     """
     gguf, target = Path(gguf_path), Path(target)
     expected = _marker_for(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if _is_complete(target, expected):
-            return target
-        if (target.exists() or target.is_symlink()) and not _is_ours(target):
-            raise ForeignModelDirError(
-                f"{target} exists and was not written by OffPrincipal (no {MARKER} in it), so it is neither loaded as "
-                f"the embedded model nor replaced. Point OFFPRINCIPAL_MODEL_DIR (now "
-                f"{os.environ.get('OFFPRINCIPAL_MODEL_DIR') or 'unset'}) at another folder, or move that folder away."
-            )
-        _remove_stale_temps(target.parent, target.name)
-        logger.info("converting %s into %s (once)", gguf, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
+    with ExitStack() as stack:
         try:
-            (tmp / OWNER_FILE).touch()
-            model, tokenizer = load_gguf(gguf, dtype=torch.float32)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / MARKER).write_text(json.dumps(expected))
-            (tmp / OWNER_FILE).unlink()
-            if target.exists():  # an older conversion of ours: move it aside first, then swap the new one in
-                stale = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
-                os.replace(target, stale / "old")
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_exclusive_lock(target.parent / f".{target.name}.lock"))
+        except OSError as exc:
+            raise ModelStoreUnwritable(target.parent, exc) from exc
+        return _convert_locked(gguf, target, expected)
+
+
+def _convert_locked(gguf: Path, target: Path, expected: dict) -> Path:
+    """:func:`convert_gguf`'s work, under its lock; a failed write leaves nothing and raises
+    :class:`ModelStoreUnwritable`."""
+    if _is_complete(target, expected):
+        return target
+    if (target.exists() or target.is_symlink()) and not _is_ours(target):
+        raise ForeignModelDirError(
+            f"{target} exists and was not written by OffPrincipal (no {MARKER} in it), so it is neither loaded as "
+            f"the embedded model nor replaced. Point OFFPRINCIPAL_MODEL_DIR (now "
+            f"{os.environ.get('OFFPRINCIPAL_MODEL_DIR') or 'unset'}) at another folder, or move that folder away."
+        )
+    _remove_stale_temps(target.parent, target.name)
+    logger.info("converting %s into %s (once)", gguf, target)
+    model, tokenizer = load_gguf(gguf, dtype=torch.float32)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
+        (tmp / OWNER_FILE).touch()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(expected))
+        (tmp / OWNER_FILE).unlink()
+        if target.exists():  # an older conversion of ours: move it aside first, then swap the new one in
+            stale = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, target)
+    except WRITE_ERRORS as exc:  # a full disk: safetensors raises SafetensorError, the rest OSError
+        raise ModelStoreUnwritable(target.parent, exc) from exc
+    finally:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -215,7 +240,15 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = ensure_default_model() if name_or_path is None else Path(os.path.expanduser(str(name_or_path)))
+    if name_or_path is None:
+        try:
+            source = ensure_default_model()
+        except ModelStoreUnwritable as exc:
+            cache_unwritable("model cache", exc.folder, exc.__cause__, "The embedded model is read from its GGUF file "
+                             "instead (slower); set $OFFPRINCIPAL_MODEL_DIR to a writable folder with free space.")
+            source = embedded_gguf_path()
+    else:
+        source = Path(os.path.expanduser(str(name_or_path)))
     if source.is_file() and source.suffix == ".gguf":
         model, tokenizer = load_gguf(source, dtype=dtype)
     elif source.exists():

@@ -57,7 +57,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .models import cache_root
-from ..files import write_text_atomic
+from ..files import cache_unwritable, write_text_atomic
 from .tasks import JsonlTaskError, generate_token_ids, raise_bad_lines, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,8 @@ def base_answers(
     """The greedy answers of ``model`` (the BASE model, before any training) to ``prompts`` (default: the
     packaged set), each a one-turn chat, batched with left padding, at most ``max_new_tokens`` new tokens.
 
-    Read from the cache when a file with this key passes its checks, else generated and written atomically.
+    Read from the cache when a file with this key passes its checks, else generated and written atomically (a
+    cache that cannot be written gives one warning; the answers are used all the same).
     ``cache_dir``: None → :func:`retention_cache_dir`, a path → there, False → no cache.
     """
     prompts = list(prompts) if prompts is not None else load_retention_prompts()
@@ -230,7 +231,12 @@ def base_answers(
     if path is not None:
         record = {"format": CACHE_FORMAT, "key": key, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                   "prompts": prompts, "answers": texts, "answer_ids": ids}
-        write_text_atomic(path, json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            write_text_atomic(path, json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as exc:  # a full disk, no permission: the answers are used, not kept
+            cache_unwritable("retention cache", path.parent, exc, "Set $OFFPRINCIPAL_CACHE_DIR to a writable folder "
+                             "with free space to keep the base answers between runs.")
+            path = None
     return BaseAnswers(tuple(prompts), tuple(map(tuple, ids)), tuple(texts), key, max_new_tokens, path)
 
 
