@@ -153,10 +153,11 @@ def _owner_record(text: str) -> Optional[dict]:
 
 def _describe_owner(folder: Path) -> str:
     """"pid P on host H" from ``folder``'s owner file, as far as it can be read (for messages only)."""
+    probe = _Probe(folder, lock=False)
     try:
-        record = _owner_record((folder / OWNER_FILE).read_text(errors="replace")[:4096])
-    except OSError:
-        record = None
+        record = probe.record() if probe.fd is not None else None
+    finally:
+        probe.close()
     return f"pid {record['pid']} on host {record['host']}" if record else "owner file unreadable"
 
 
@@ -165,10 +166,11 @@ class _Probe:
 
     ``state``: "missing" (no regular owner file: not ours, or a writer that is finishing), "live" (its lock is
     held by an open file, in any process or PID namespace of this kernel, or through a filesystem that shares
-    locks), "unknown" (no locks here), or "free" (this probe now holds the lock, so no writer can hold it).
+    locks), "unknown" (no locks here, or ``lock=False``: only opened, to read the record), or "free" (this probe
+    now holds the lock, so no writer can hold it).
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, lock: bool = True):
         self.folder, self.fd, self.state = folder, None, "missing"
         path = folder / OWNER_FILE
         try:
@@ -179,6 +181,9 @@ class _Probe:
             return
         if not stat.S_ISREG(info.st_mode):
             self.close()
+            return
+        if not lock:
+            self.state = "unknown"
             return
         taken = _lock(self.fd)
         self.state = {True: "free", False: "live", None: "unknown"}[taken]
@@ -192,8 +197,8 @@ class _Probe:
                 self.state = "missing"
 
     def record(self) -> Optional[dict]:
-        with open(self.fd, "rb", closefd=False) as handle:
-            return _owner_record(handle.read(4096).decode("utf-8", errors="replace"))
+        """The owner record (:func:`_owner_record`) in the first 4 KiB of the open owner file."""
+        return _owner_record(os.pread(self.fd, 4096, 0).decode("utf-8", errors="replace"))
 
     def close(self) -> None:
         if self.fd is not None:
