@@ -359,3 +359,17 @@ def test_train_with_its_caches_on_a_full_disk_runs_uncached(tiny_dir, digits, tm
     warned = sorted(r.getMessage().split(" ", 2)[0] + " " + r.getMessage().split(" ", 2)[1]
                     for r in caplog.records if "cannot be written" in r.getMessage())
     assert warned == ["retention cache", "subspace cache"], caplog.text
+
+
+# --- issue 17, finding 11: a lone surrogate stops `offprincipal train` at load, not in the tokenizer ------------
+
+
+def test_train_refuses_a_lone_surrogate_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    rows = [f'{{"prompt": "q{i}?", "answer": {i}}}' for i in range(6)] + [r'{"prompt": "bad \ud800 one", "answer": 1}']
+    task = tmp_path / "mine.jsonl"
+    task.write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", str(task), "--model", str(tmp_path / "never-loaded"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{task}:7: a lone surrogate \\ud800 in 'prompt'" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
