@@ -50,3 +50,30 @@ def test_two_rank_deepspeed_zero2_zero3_match_single_process(tmp_path):
     done = sorted(p.name for p in tmp_path.glob("rank*.ok"))
     output = result.stdout + result.stderr
     assert done == ["rank0.ok", "rank1.ok"], f"torchrun exit {result.returncode}, finished: {done}\n{output[-8000:]}"
+
+
+def test_the_library_works_without_deepspeed():
+    """With ``deepspeed`` unimportable, offprincipal imports, and an adapter is built, trained a step, merged and
+    unmerged; nothing imports deepspeed on the way (its code runs only where a parameter carries ZeRO attributes)."""
+    code = """
+import sys
+sys.modules["deepspeed"] = None  # `import deepspeed` now raises ImportError; find_spec reports it absent
+import torch
+from torch import nn
+from peft import get_peft_model
+import offprincipal, offprincipal.integrations.deepspeed, offprincipal.optim
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4))
+model = get_peft_model(model, offprincipal.OffPrincipalConfig(r=2, top_k=2, target_modules=["0", "2"],
+                                                               subspace_cache_dir=False))
+nn.init.normal_(model.base_model.model[2].offprincipal_B["default"].weight)
+model(torch.randn(3, 8)).sum().backward()
+W0 = model.base_model.model[2].base_layer.weight.detach().clone()
+model.merge_adapter(); model.unmerge_adapter()
+assert torch.equal(model.base_model.model[2].base_layer.weight, W0)
+assert sys.modules["deepspeed"] is None and not any(m.startswith("deepspeed.") for m in sys.modules)
+print("OK")
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-3000:] + out.stderr[-3000:]
