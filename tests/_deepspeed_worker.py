@@ -8,7 +8,7 @@ Real DeepSpeed (its CPU accelerator) on a tiny Llama, every rank checking:
   single-process one; N steps of ``deepspeed.initialize``
   training give the single-process ΔW (fp32, ≤ 1e-6 relative); leak ≤ 1e-6; TRL's own ZeRO-3 sync generator
   (``VLLMGeneration._iter_named_params``) yields fl(W0 + ΔW) for every targeted weight, W0 for every other base
-  parameter, nothing else, and leaves W0 bit for bit; merge/unmerge written back through ZeRO (modifier_rank=0)
+  parameter, nothing else, and leaves W0 bit for bit; the live diagnostics (leak, ‖ΔW‖/‖W0‖) gather and agree; merge/unmerge written back through ZeRO (modifier_rank=0)
   restores W0 bit for bit;
 - ZeRO-3 with bf16 and ``buffer_dtype: bf16``: U and V stay fp32;
 - ZeRO-2: N steps give the single-process ΔW (≤ 1e-6 relative), leak ≤ 1e-6;
@@ -171,6 +171,11 @@ def zero3(out: Path, model_dir: Path, rank: int, ref, ref_logits0, ref_deltas) -
     assert torch.allclose(logits0, ref_logits0, atol=1e-6), f"rank {rank}: forward of the unwrapped model differs"
 
     train_engine(engine, rank)
+    from offprincipal.diagnostics import AdapterDiagnostics  # the live diagnostics gather layer by layer
+
+    live, want = AdapterDiagnostics()(model), AdapterDiagnostics()(ref)
+    assert live["offprincipal/leak_max"] <= TOL, live
+    assert abs(live["offprincipal/update_rel_mean"] / want["offprincipal/update_rel_mean"] - 1) <= 1e-5, (live, want)
     with torch.no_grad():  # outside the engine, after training: ΔW is applied
         logits = model(input_ids=ids).logits
     params = list(model.parameters())
