@@ -10,6 +10,7 @@ Real DeepSpeed (its CPU accelerator) on a tiny Llama, every rank checking:
   (``VLLMGeneration._iter_named_params``) yields fl(W0 + ΔW) for every targeted weight, W0 for every other base
   parameter, nothing else, and leaves W0 bit for bit; the live diagnostics (leak, ‖ΔW‖/‖W0‖) gather and agree; merge/unmerge written back through ZeRO (modifier_rank=0)
   restores W0 bit for bit;
+- weights partitioned by ``deepspeed.zero.Init`` alone (no HfDeepSpeedConfig): the single-process bases and fingerprint;
 - ZeRO-3 with bf16 and ``buffer_dtype: bf16``: U and V stay fp32;
 - ZeRO-2: N steps give the single-process ΔW (≤ 1e-6 relative), leak ≤ 1e-6;
 - OffPrincipalAdamW under ZeRO-2 and on ZeRO-3 partitioned weights is refused with the one-line ZERO_REFUSAL.
@@ -194,6 +195,12 @@ def zero3(out: Path, model_dir: Path, rank: int, ref, ref_logits0, ref_deltas) -
         delta = deltas(model)
     targeted = {n.removeprefix("base_model.model.") + ".weight": d for n, d in delta.items()}
 
+    try:  # merging needs the gathered weights (TRL gathers them): one clear error, nothing changed
+        model.merge_adapter()
+        raise AssertionError("merge_adapter on partitioned weights was not refused")
+    except RuntimeError as err:
+        assert "GatheredParameters" in str(err) and not any(m.merged for m in layers(model).values()), err
+
     # TRL's own ZeRO-3 sync generator: gather all, merge_adapter, yield, unmerge_adapter
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     sync = VLLMGeneration.__new__(VLLMGeneration)
@@ -222,6 +229,34 @@ def zero3(out: Path, model_dir: Path, rank: int, ref, ref_logits0, ref_deltas) -
         print("ZeRO-3: TRL sync yields fl(W0 + ΔW) for the 7 targeted weights, W0 for the rest; unmerge exact",
               flush=True)
     del engine, model, base, keep
+
+
+def zero_init_alone(out: Path, rank: int) -> None:
+    """Weights partitioned by ``deepspeed.zero.Init`` with no HfDeepSpeedConfig alive (PEFT's gather_params_ctx would
+    not gather here): the bases and fingerprint are those of the same weights in one process."""
+    import deepspeed
+    from peft import get_peft_model
+    from torch import nn
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    import offprincipal
+
+    assert not is_deepspeed_zero3_enabled()
+    torch.manual_seed(3)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config(3)):
+        model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    assert tuple(model[0].weight.shape) == (0,)
+    plain = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+    config = dict(r=2, top_k=3, target_modules=["0", "2"])
+    model = get_peft_model(model, offprincipal.OffPrincipalConfig(subspace_cache_dir=str(out / "cache-init"), **config))
+    plain = get_peft_model(plain, offprincipal.OffPrincipalConfig(subspace_cache_dir=False, **config))
+    for i in (0, 2):
+        for side in ("offprincipal_U", "offprincipal_V"):
+            mine, want = getattr(model.base_model.model[i], side)["default"], getattr(plain.base_model.model[i], side)["default"]
+            assert torch.equal(mine, want), f"rank {rank}: zero.Init layer {i} {side} differs"
+    assert model.peft_config["default"].base_fingerprint == plain.peft_config["default"].base_fingerprint
 
 
 def zero3_bf16(out: Path, model_dir: Path) -> None:
@@ -292,6 +327,7 @@ def main() -> None:
     ref_deltas = deltas(ref)
 
     zero3(out, model_dir, rank, ref, ref_logits0, ref_deltas)
+    zero_init_alone(out, rank)
     zero3_bf16(out, model_dir)
     zero2(out, model_dir, rank, ref_deltas)
 

@@ -2,7 +2,8 @@
 tests/_deepspeed_worker.py, which drives ``deepspeed.initialize`` directly (accelerate never picks DeepSpeed on CPU).
 
 The worker checks, on both ranks (details in its docstring): get_peft_model on ZeRO-3 partitioned weights gives the
-single-process bases and fingerprint; the forward outside the engine is right; ZeRO-3 and ZeRO-2 training equal one
+single-process bases and fingerprint (also for ``deepspeed.zero.Init`` alone); the forward outside the engine is
+right; merging ungathered weights is refused; ZeRO-3 and ZeRO-2 training equal one
 process to 1e-6 (relative, ΔW, fp32); leak ≤ 1e-6; TRL's ZeRO-3 sync yields fl(W0 + ΔW) for every targeted weight and
 W0 for every other, nothing else, and unmerge restores W0 bit for bit; U and V stay fp32 under bf16 with
 ``buffer_dtype: bf16``; OffPrincipalAdamW under ZeRO is refused with one line. One launch covers all of it: about
