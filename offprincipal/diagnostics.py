@@ -29,6 +29,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from .integrations.deepspeed import gathered
 from .metrics import Rotation, _relative_distance, principal_angles
 from .projection import principal_leak
 from .subspace import Subspace
@@ -144,7 +145,8 @@ class AdapterDiagnostics:
 
     Calling it on a model returns ``{"offprincipal/leak_max": worst principal leak over layers,
     "offprincipal/update_rel_mean": mean of ‖ΔW‖_F/‖W0‖_F}`` for adapter ``adapter_name`` (‖W0‖_F is computed once
-    per layer and kept), or ``{}`` when no layer carries that adapter."""
+    per layer and kept), or ``{}`` when no layer carries that adapter. Under ZeRO-3 each layer's factors (and, once,
+    its base weight) are gathered in turn, so every rank must call it (Trainer callbacks run on every rank)."""
 
     def __init__(self, adapter_name: str = "default"):
         self.adapter_name = adapter_name
@@ -157,14 +159,19 @@ class AdapterDiagnostics:
         for layer in model.modules():
             if not isinstance(layer, OffPrincipalLayer) or name not in layer.offprincipal_A:
                 continue
-            A, B = layer.effective_factors(name)
-            delta = LowRankWeight(B, A, scale=layer.scaling[name])
-            U = layer.offprincipal_U[name] if name in layer.offprincipal_U else None
-            V = layer.offprincipal_V[name] if name in layer.offprincipal_V else None
-            leaks.append(max(delta.update_leak(U, V)))
+            params = [layer.offprincipal_A[name].weight, layer.offprincipal_B[name].weight]
             if id(layer) not in self._base_norms:
-                self._base_norms[id(layer)] = float(torch.linalg.matrix_norm(layer.get_base_layer().weight.double()))
-            rel.append(delta.update_norm() / self._base_norms[id(layer)])
+                params.append(layer.get_base_layer().weight)
+            with gathered(params):
+                A, B = layer.effective_factors(name)
+                delta = LowRankWeight(B, A, scale=layer.scaling[name])
+                U = layer.offprincipal_U[name] if name in layer.offprincipal_U else None
+                V = layer.offprincipal_V[name] if name in layer.offprincipal_V else None
+                leaks.append(max(delta.update_leak(U, V)))
+                if id(layer) not in self._base_norms:
+                    weight = layer.get_base_layer().weight
+                    self._base_norms[id(layer)] = float(torch.linalg.matrix_norm(weight.double()))
+                rel.append(delta.update_norm() / self._base_norms[id(layer)])
         if not leaks:
             return {}
         return {PREFIX + "leak_max": max(leaks), PREFIX + "update_rel_mean": sum(rel) / len(rel)}

@@ -5,7 +5,7 @@
   (memory-efficient loading leaves zeros there).
 - FSDP2 (DTensor ``Shard(0)``) steps shard-locally: see :func:`offprincipal.projection.row_shard`.
 - DeepSpeed ZeRO flattens parameters into 1-D partitions, which an update-projecting optimizer cannot see as
-  matrices: :func:`check_not_flattened` refuses it and points to the adapter form.
+  matrices: :func:`offprincipal.integrations.deepspeed.check_not_flattened` refuses it and says what to use.
 """
 
 from __future__ import annotations
@@ -17,13 +17,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .subspace import Subspace
-
-DEEPSPEED_MESSAGE = (
-    "{owner} cannot run under DeepSpeed ZeRO: ZeRO flattens and partitions the parameters into 1-D buffers, so the "
-    "optimizer no longer sees the (out, in) matrix of {name!r} that the off-principal projection needs. Use the "
-    "adapter form instead (peft_config=offprincipal.OffPrincipalConfig(...)): it projects inside the forward pass and "
-    "works under any sharding. For full-parameter training use FSDP2 (fully_shard) or DDP."
-)
 
 
 def is_distributed() -> bool:
@@ -89,17 +82,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
-
-
-def flattened_error(owner: str, name: str) -> RuntimeError:
-    """The error for parameters that DeepSpeed ZeRO (or anything else) flattened: it points to the adapter form."""
-    return RuntimeError(DEEPSPEED_MESSAGE.format(owner=owner, name=name))
-
-
-def check_not_flattened(owner: str, name: str, p: torch.Tensor, expected_shape: Optional[tuple] = None) -> None:
-    """Raise :func:`flattened_error` when ``p`` is a ZeRO parameter or no longer has its matrix shape."""
-    if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or (expected_shape is not None and tuple(p.shape) != expected_shape):
-        raise flattened_error(owner, name)
 
 
 def subspace_bases(subs: Mapping[str, Subspace]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

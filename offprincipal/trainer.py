@@ -38,6 +38,7 @@ import torch
 from transformers import TrainerCallback
 
 from .diagnostics import PREFIX, AdapterDiagnostics, PrincipalBlocks
+from .integrations.deepspeed import flattened_error
 from .optim import OffPrincipalAdamW, OffPrincipalOptimizer
 from .options import ProjectionOptions
 from .subspace import TopK
@@ -130,10 +131,7 @@ class OffPrincipalCallback(PeriodicLogsCallback):
         if optimizer is None or model is None:
             raise RuntimeError("OffPrincipalCallback needs the Trainer's model and optimizer at on_train_begin")
         if getattr(args, "deepspeed", None):
-            raise RuntimeError(
-                "OffPrincipalCallback cannot work under DeepSpeed ZeRO (it flattens parameters and steps inside "
-                "backward); use the adapter form: peft_config=OffPrincipalConfig(...)"
-            )
+            raise flattened_error("OffPrincipalCallback")
         inner = _inner(optimizer)
         if isinstance(inner, (OffPrincipalAdamW, OffPrincipalOptimizer)):
             self.optimizer = inner  # already installed (the mixin, or a second train() call)

@@ -372,11 +372,16 @@ def test_clear_errors():
         OffPrincipalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **adamw())
 
 
-def test_deepspeed_zero_is_refused_with_a_pointer_to_the_adapter():
+def test_deepspeed_zero_is_refused_with_one_line_saying_what_to_use():
+    from offprincipal.integrations.deepspeed import ZERO_REFUSAL
+
     model = make()
     model.up.weight.ds_id = 3  # what ZeRO-3 attaches to its parameters
-    with pytest.raises(RuntimeError, match="OffPrincipalConfig"):
+    with pytest.raises(RuntimeError) as refused:
         OffPrincipalAdamW(model.named_parameters(), top_k=4, **adamw())
+    assert str(refused.value) == ZERO_REFUSAL.format(owner="OffPrincipalAdamW", what="the parameter 'up.weight'")
+    assert "\n" not in str(refused.value) and "any sharding" not in str(refused.value)
+    assert "OffPrincipalConfig" in str(refused.value) and "FSDP2" in str(refused.value)
     del model.up.weight.ds_id
     opt = OffPrincipalAdamW(model.named_parameters(), top_k=4, **adamw())
     flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))  # ZeRO-1/2 flattening

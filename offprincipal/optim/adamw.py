@@ -8,7 +8,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ..distributed import flattened_error
+from ..integrations.deepspeed import flattened_error
 from ..options import ProjectionOptions
 from ..projection import resolve_backend
 from .bases import BasesInput, PrincipalBases, check_unique_names
@@ -48,7 +48,8 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
 
     Projected params cost two fused passes per step on CUDA (≈36 bytes/param without weight decay, 40 with,
     against fused AdamW's 28). Under FSDP2 (DTensor ``Shard(0)``) the step is shard-local plus one all-reduce of
-    a k×n matrix per projected weight (left side). DeepSpeed ZeRO is refused (use the adapter form).
+    a k×n matrix per projected weight (left side). DeepSpeed ZeRO is refused
+    (:data:`~offprincipal.integrations.deepspeed.ZERO_REFUSAL`: the adapter under ZeRO, FSDP2 for full-parameter training).
 
     Non-finite policy: a projected weight whose gradient has a NaN or inf entry skips its step (weight, moments
     and step count unchanged) with a ``RuntimeWarning`` naming it. The check and the skip run on the device,
@@ -161,7 +162,7 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
         for group in self.param_groups:
             names = group.get("param_names")
             if names is None or len(names) != len(group["params"]):
-                raise flattened_error("OffPrincipalAdamW", "a param group's parameters")
+                raise flattened_error("OffPrincipalAdamW")
             plain: tuple[list, ...] = ([], [], [], [], [])
             projected = []
             mastered = []

@@ -12,11 +12,11 @@ import torch
 from ..distributed import (
     broadcast_bases,
     broadcast_object,
-    check_not_flattened,
     full_weight,
     is_distributed,
     local_device,
 )
+from ..integrations.deepspeed import check_not_flattened
 from ..options import ProjectionOptions
 from ..projection import row_shard
 from ..subspace import (

@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..distributed import flattened_error
+from ..integrations.deepspeed import flattened_error
 from ..options import ProjectionOptions
 from ..projection import project_
 from .bases import BasesInput, PrincipalBases, check_unique_names

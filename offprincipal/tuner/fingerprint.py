@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 
 from torch import nn
 
+from ..integrations.deepspeed import gathered
 from ..subspace import fingerprint
 
 STRICT_ENV = "OFFPRINCIPAL_STRICT_BASE"
@@ -25,8 +26,8 @@ STRICT_ENV = "OFFPRINCIPAL_STRICT_BASE"
 
 def base_fingerprint(layers: Mapping[str, nn.Module]) -> Optional[str]:
     """BLAKE2b-128 (32 hex digits) over the lines ``"{name}\\t{fingerprint(W)}\\n"`` of the targeted layers in name
-    order, W the base weight as stored (the unmerged one for a merged OffPrincipal layer); ``None`` when a weight is
-    on the meta device (nothing to fingerprint)."""
+    order, W the base weight as stored (the unmerged one for a merged OffPrincipal layer), gathered one at a time
+    when ZeRO-3 partitions it; ``None`` when a weight is on the meta device (nothing to fingerprint)."""
     from .layer import OffPrincipalLayer
 
     digest = hashlib.blake2b(digest_size=16)
@@ -38,7 +39,8 @@ def base_fingerprint(layers: Mapping[str, nn.Module]) -> Optional[str]:
             weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
         if weight.device.type == "meta":
             return None
-        digest.update(f"{name}\t{fingerprint(weight)}\n".encode())
+        with gathered([weight]):
+            digest.update(f"{name}\t{fingerprint(weight)}\n".encode())
     return digest.hexdigest()
 
 

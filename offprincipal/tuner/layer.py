@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from ..integrations.deepspeed import fetch_for_forward, full_shape, gathered, is_partitioned, require_whole
 from ..projection import principal_leak, project_repeated, uses_left, uses_right
 from ..subspace import Subspace, minor_right_directions, weight_matrix
 
@@ -70,11 +71,16 @@ def resolve_fan_in_fan_out(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
 
 class OffPrincipalLayer(BaseTunerLayer):
     """Adapter state of one wrapped layer. ``offprincipal_U``/``offprincipal_V`` hold the frozen fp32 bases
-    (non-persistent: they are not saved with the adapter; see ``OffPrincipalConfig.subspace_cache_dir``)."""
+    (non-persistent: they are not saved with the adapter; see ``OffPrincipalConfig.subspace_cache_dir``).
+
+    Under DeepSpeed ZeRO-3 the layer's forward makes its factors whole through
+    :func:`offprincipal.integrations.deepspeed.fetch_for_forward`; ``_keep_in_fp32_modules_strict`` (the transformers
+    convention DeepSpeed's ``keep_in_fp32_modules="auto"`` reads) keeps U and V fp32 under an engine's bf16/fp16."""
 
     adapter_layer_names = ("offprincipal_A", "offprincipal_B")
     other_param_names = ("r", "alpha", "scaling", "sides", "offprincipal_dropout", "offprincipal_U", "offprincipal_V")
     _basis_names = ("offprincipal_U", "offprincipal_V")
+    _keep_in_fp32_modules_strict = _basis_names
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -98,7 +104,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
         elif isinstance(base, Conv1D):
-            self.in_features, self.out_features = base.weight.shape
+            self.in_features, self.out_features = full_shape(base.weight)  # ZeRO-3 leaves shape (0,)
         else:
             raise TypeError(f"OffPrincipal supports nn.Linear and GPT-2 Conv1D layers, got {type(base).__name__}")
         self.fan_in_fan_out = resolve_fan_in_fan_out(base, kwargs.get("fan_in_fan_out", False))
@@ -145,8 +151,9 @@ class OffPrincipalLayer(BaseTunerLayer):
         if init == "random":
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         elif init == "minor":
-            W = weight_matrix(self.get_base_layer())
-            A.copy_(minor_right_directions(W, k, self.r[adapter_name]).to(A))
+            base = self.get_base_layer()
+            with gathered([base.weight]):  # ZeRO-3: whole on every rank while read
+                A.copy_(minor_right_directions(weight_matrix(base), k, self.r[adapter_name]).to(A))
         else:
             raise ValueError(f"unknown init {init!r}; use 'random' or 'minor'")
 
@@ -166,12 +173,17 @@ class OffPrincipalLayer(BaseTunerLayer):
         not on import: fused optimizers do not bump version counters), and keyed
         on the tensors' version counters and storage (reloads, moves, in-place edits) and on whether inference
         mode is on (factors cached under ``torch.inference_mode()`` are never reused outside it). A write through
-        ``.data`` outside an optimizer step needs :meth:`clear_factor_cache`.
+        ``.data`` outside an optimizer step needs :meth:`clear_factor_cache`. ZeRO-3 partitioned factors are never
+        cached (their storage is gathered anew for every use); outside a forward they must be gathered first.
         """
         A = self.offprincipal_A[adapter_name].weight
         B = self.offprincipal_B[adapter_name].weight
         U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
         V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
+        if is_partitioned(A) or is_partitioned(B):
+            require_whole(A, f"offprincipal_A[{adapter_name!r}]")
+            require_whole(B, f"offprincipal_B[{adapter_name!r}]")
+            return self._project_factors(A, B, U, V)
         if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
             self._factor_cache.pop(adapter_name, None)  # training: the parameters are about to change
             return self._project_factors(A, B, U, V)
@@ -265,6 +277,7 @@ class Linear(nn.Module, OffPrincipalLayer):
         if not adapter_names:
             return
         weight = self.get_base_layer().weight
+        require_whole(weight, "the base weight")  # ZeRO-3: merging needs the gathered weight (TRL gathers)
         with torch.no_grad():
             merged = weight.detach().float()
             for name in adapter_names:
@@ -313,6 +326,7 @@ class Linear(nn.Module, OffPrincipalLayer):
         for name in self.active_adapters:
             if name not in self.offprincipal_A:
                 continue
+            fetch_for_forward(self, (self.offprincipal_A[name].weight, self.offprincipal_B[name].weight))
             A, B = self.effective_factors(name)
             h = self._cast_input_dtype(self.offprincipal_dropout[name](x), A.dtype)
             result = result + nn.functional.linear(nn.functional.linear(h, A), B) * self.scaling[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..integrations.deepspeed import is_partitioned, partitioned_subspaces
 from ..subspace import Subspace, compute_subspaces, weight_matrix
 from .config import OffPrincipalConfig
 from .fingerprint import check_base_fingerprint
@@ -87,10 +89,15 @@ class OffPrincipalModel(BaseTuner):
         return layers
 
     def _prefetch_subspaces(self, layers: dict[str, nn.Module], config: OffPrincipalConfig) -> dict[str, Subspace]:
-        weights = {
-            key: weight_matrix(_linear_base(m)) for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"
-        }
-        return self._compute_subspaces(weights, config, progress=True)
+        bases = {key: _linear_base(m) for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"}
+        return self._subspaces_of(bases, config, progress=True)
+
+    def _subspaces_of(self, bases: dict[str, nn.Module], config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
+        """Bases of the base layers' weights; ZeRO-3 partitioned weights are gathered one at a time for it."""
+        if any(is_partitioned(b.weight) for b in bases.values()):
+            compute = functools.partial(self._compute_subspaces, config=config, progress=False)
+            return partitioned_subspaces(bases, weight_matrix, compute, progress=progress)
+        return self._compute_subspaces({key: weight_matrix(b) for key, b in bases.items()}, config, progress)
 
     @staticmethod
     def _compute_subspaces(weights, config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
@@ -123,8 +130,7 @@ class OffPrincipalModel(BaseTuner):
             config.fan_in_fan_out = resolve_fan_in_fan_out(base, True)  # LoRA's warning; reset to False as LoRA does
         subspace = self._prefetched.get(current_key)
         if subspace is None:  # e.g. matched from a state_dict, or a weight that was on the meta device
-            W = weight_matrix(base)
-            subspace = self._compute_subspaces({current_key: W}, config, progress=False)[current_key]
+            subspace = self._subspaces_of({current_key: base}, config, progress=False)[current_key]
         kwargs = dict(
             r=config.r,
             alpha=config.alpha,
