@@ -547,3 +547,118 @@ def test_state_with_other_parameter_names_is_refused():
     sd["param_groups"][0]["param_names"] = list(reversed(sd["param_groups"][0]["param_names"]))
     with pytest.raises(ValueError, match="names parameter"):
         OffPrincipalAdamW(model.named_parameters(), top_k=4, progress=False).load_state_dict(sd)
+
+
+# --- issue 17, findings 1 and 2: "top-k" means top-k; bf16 pairs at bf16's rounding ------------------------------
+
+
+def planted_spectrum(m, n, sigma, seed=0):
+    """W = Q1 diag(sigma) Q2ᵀ (fp32) with the given singular values (fp64 construction)."""
+    g = torch.Generator().manual_seed(seed)
+    p = min(m, n)
+    Q1 = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64)).Q
+    return ((Q1 * sigma.double()) @ Q2.T).float()
+
+
+def pairs(W, idx):
+    """The singular pairs ``idx`` (list of indices) of W, as a Subspace (genuine pairs, chosen freely)."""
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    idx = torch.tensor(idx)
+    return Subspace(U[:, idx].contiguous(), S[idx].contiguous(), Vh[idx].T.contiguous())
+
+
+def test_gaussian_directions_65_to_96_are_not_its_top_32():
+    W = torch.randn(512, 384, generator=torch.Generator().manual_seed(0))
+    certify(W, top_k_subspace(W, 32))
+    with pytest.raises(ValueError, match="not its top 32"):
+        certify(W, pairs(W, list(range(64, 96))))
+
+
+@pytest.mark.parametrize("swapped", [1, 3, 10])
+def test_last_pairs_swapped_for_the_next_ones_are_refused_at_a_small_gap(swapped):
+    """The k-th pair swapped for the (k+1)-th (and the last few for the next few) at σ_i/σ_{i+1} = 1.0015, the
+    smallest gap seen on SmolLM2's σ₃₂/σ₃₃: refused; the true top k passes."""
+    k, p = 32, 120
+    sigma = 1.0015 ** -torch.arange(p, dtype=torch.float64) * 3.0
+    W = planted_spectrum(200, p, sigma, seed=1)
+    certify(W, pairs(W, list(range(k))))
+    idx = list(range(k - swapped)) + list(range(k, k + swapped))
+    with pytest.raises(ValueError, match="not its top 32"):
+        certify(W, pairs(W, idx))
+
+
+def test_exactly_tied_pairs_any_basis_of_the_tie_is_top_k():
+    """σ_k = σ_{k+1}: every basis of the tied pair is equally 'top k' (within the tie tolerance), so a rotation
+    mixing the k-th and (k+1)-th pairs passes, and so does the (k+1)-th in place of the k-th."""
+    k = 8
+    sigma = torch.cat([torch.linspace(4, 2, k), torch.tensor([2.0]), torch.linspace(1.5, 0.1, 31)]).double()
+    W = planted_spectrum(60, 40, sigma, seed=2)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    c, s = 0.6, 0.8
+    Ur, Vr = U[:, :k + 1].clone(), Vh[:k + 1].T.clone()
+    Ur[:, k - 1], Vr[:, k - 1] = c * U[:, k - 1] + s * U[:, k], c * Vh[k - 1] + s * Vh[k]
+    certify(W, (Ur[:, :k].contiguous(), Vr[:, :k].contiguous()))
+    certify(W, pairs(W, list(range(k - 1)) + [k]))
+    assert subspace_mod.CERTIFY_TIE_TOL <= 1e-3
+
+
+def bf16_spectral(seed, m=96, n=64):
+    sigma = torch.linspace(3, 0.2, min(m, n)).double()
+    return planted_spectrum(m, n, sigma, seed=seed).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("away", [0.01, 0.03, 0.06])
+def test_bf16_weight_refuses_the_bases_of_a_weight_1_to_6_percent_away(away):
+    W = bf16_spectral(3)
+    g = torch.Generator().manual_seed(4)
+    other = (W.float() + away * W.float().std() * torch.randn(W.shape, generator=g)).to(torch.bfloat16)
+    certify(W, top_k_subspace(W, 8))
+    with pytest.raises(ValueError, match="not singular pairs"):
+        certify(W, top_k_subspace(other, 8))
+
+
+def test_bf16_genuine_training_with_one_rounding_passes():
+    """Off-principal training of a bf16 weight with fp32 master weights stores round_bf16(W0 + ΔW): the pairs of W0
+    hold up to one rounding of W (≈ 2⁻⁹ relative per entry), whatever the size of ΔW against the rounding."""
+    W0 = bf16_spectral(5)
+    sub = top_k_subspace(W0, 8)
+    g = torch.Generator().manual_seed(6)
+    for size in (1e-4, 1e-2, 3e-2):  # ‖ΔW‖₂ up to ≈ 0.2·S_k
+        D = torch.randn(W0.shape, generator=g) * size
+        D = D - sub.U @ (sub.U.T @ D)
+        D = D - (D @ sub.V) @ sub.V.T
+        certify((W0.float() + D).to(torch.bfloat16), sub, topk_tol=OffPrincipalAdamW_trained_tol())
+
+
+def OffPrincipalAdamW_trained_tol():
+    from offprincipal.optim.bases import TRAINED_TOPK_TOL
+
+    return TRAINED_TOPK_TOL
+
+
+@pytest.mark.parametrize("away", [0.005, 0.05])
+def test_bf16_optimizer_state_from_a_model_half_to_5_percent_different_is_refused(away):
+    model_a = make().to(torch.bfloat16)
+    model_b = make().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_((away * p.float().std() * torch.randn(p.shape, generator=g)).to(p.dtype))
+    opt_a = OffPrincipalAdamW(model_a.named_parameters(), lr=1e-3, top_k=4, master_weights=True, progress=False)
+    train(model_a, opt_a, torch.Generator().manual_seed(0), 2)
+    opt_b = OffPrincipalAdamW(model_b.named_parameters(), lr=1e-3, top_k=4, master_weights=True, progress=False)
+    with pytest.raises(ValueError, match="not singular pairs"):
+        opt_b.load_state_dict(roundtrip(opt_a.state_dict()))
+
+
+def test_bf16_genuine_resume_with_master_weights_passes():
+    model = make().to(torch.bfloat16)
+    opt = OffPrincipalAdamW(model.named_parameters(), lr=1e-2, top_k=4, master_weights=True, progress=False)
+    train(model, opt, torch.Generator().manual_seed(0), 6)
+    resumed = make(seed=3).to(torch.bfloat16)
+    resumed.load_state_dict(roundtrip(model.state_dict()))
+    opt2 = OffPrincipalAdamW(resumed.named_parameters(), lr=1e-2, top_k=4, master_weights=True, progress=False)
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    for name in opt.bases:
+        assert torch.equal(opt2.bases.entries[name].U, opt.bases.entries[name].U)

@@ -33,12 +33,16 @@ from ..subspace import (
 )
 
 
-TRAINED_TOPK_TOL = 2.0
+TRAINED_TOPK_TOL = 1.0
 """``topk_tol`` of :func:`~offprincipal.subspace.certify_subspace` for bases checked against weights that may have
-trained since the bases were computed (a saved state's bases, bases given in ``subspaces=``): the part of the live
-weight outside the bases may have a top singular value up to 3× the smallest kept one. Off-principal training
-raises that value by at most ‖ΔW‖₂, so a resume passes unless the update's spectral norm reached about twice the
-k-th singular value; bases of minor directions (σ₁(W) against the smallest singular values) fail."""
+trained since the bases were computed (a saved state's bases, bases given in ``subspaces=``): the allowance for the
+training, on top of the tie tolerance :data:`~offprincipal.subspace.CERTIFY_TIE_TOL` that bases of the weight itself
+get. With W = W0 + ΔW and ΔW off-principal, the residual W − U·diag(S)·Vᵀ is W0's residual plus ΔW, so its top
+singular value is at most σ_{k+1}(W0) + ‖ΔW‖₂ ≤ S_k + ‖ΔW‖₂: a resume passes while training has moved the weight by
+less than its k-th singular value in spectral norm (RLVR's updates are far smaller; the resume test at lr 3e-2
+reaches about that). The pair identities (tolerance: twice one rounding of the stored weight) are what refuse a
+state of another model; this allowance is what the top-k part cannot tell apart: genuine singular pairs whose
+left-out values are below 2·S_k pass it, exactly as a weight trained by that much would."""
 
 BasesInput = Mapping[str, Union[Subspace, tuple[torch.Tensor, torch.Tensor]]]
 
@@ -330,8 +334,8 @@ class PrincipalBases:
             raise _mismatch_error(
                 self.owner, "the bases the saved state was trained with", failures,
                 "The state was saved by a different model (or its cache entries are damaged); load it into the model "
-                "it was saved from. If it is this model's own state and training moved the weights by more than about "
-                "twice their k-th singular value, raise offprincipal.optim.bases.TRAINED_TOPK_TOL.",
+                "it was saved from. If it is this model's own state and training moved the weights by more than their "
+                "k-th singular value (spectral norm), raise offprincipal.optim.bases.TRAINED_TOPK_TOL.",
             )
         shapes = {name: (tuple(info["shape"]), info["k"]) for name, info in stale.items()}
         device_of = lambda name: self.entries[name].U.device  # noqa: E731
