@@ -272,3 +272,102 @@ def test_safe_merge_of_a_broken_adapter_uses_peft_wording_and_leaves_the_base():
     with pytest.raises(ValueError, match=re.escape("NaNs detected in the merged weights. The adapter default seems to be broken")):
         layer.merge(safe_merge=True)
     assert torch.equal(layer.get_base_layer().weight, W0) and not layer.merged
+
+
+# ---------------------------------------------------------------- issue 17, finding 3: an adapter keeps its k and sides
+
+
+def delta_weights(model, adapter="default"):
+    return {n: m.get_delta_weight(adapter).detach().clone() for n, m in layers(model) if adapter in m.offprincipal_A}
+
+
+@pytest.mark.parametrize("change", [dict(top_k=4), dict(sides="left"), dict(sides="right"), dict(top_k=0.5)])
+def test_loading_with_other_top_k_or_sides_is_refused(tmp_path, change):
+    trained, path = saved_adapter(tmp_path)
+    config = PeftConfig.from_pretrained(path)
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=r"(top_k|sides).*saved"):
+        PeftModel.from_pretrained(make_tiny_model("llama"), path, config=config)
+    edited = json.loads((path / "adapter_config.json").read_text())
+    edited.update(change)
+    (path / "adapter_config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"(top_k|sides).*saved"):
+        PeftModel.from_pretrained(make_tiny_model("llama"), path)
+
+
+def test_loading_with_the_saved_settings_reproduces_delta_w_exactly(tmp_path):
+    trained, path = saved_adapter(tmp_path, top_k_pattern={"q_proj": 4}, sides="left")
+    loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)
+    want, got = delta_weights(trained), delta_weights(loaded)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_load_adapter_with_an_edited_top_k_pattern_is_refused(tmp_path):
+    _, path = saved_adapter(tmp_path)
+    peft_model = PeftModel.from_pretrained(make_tiny_model("llama"), path)
+    edited = json.loads((path / "adapter_config.json").read_text())
+    edited["top_k_pattern"] = {"v_proj": 3}
+    (path / "adapter_config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"top_k.*saved"):
+        peft_model.load_adapter(path, adapter_name="other")
+
+
+# ---------------------------------------------------------------- finding 4: load_adapter while another is merged
+
+
+def test_load_adapter_while_another_is_merged_takes_bases_from_the_unmerged_base(tmp_path):
+    _, path_a = saved_adapter(tmp_path / "a")
+    peft_b = get_peft_model(make_tiny_model("llama"), cfg(init="minor"))
+    train_steps(peft_b, tiny_batch(seed=1), lr=3e-2)
+    peft_b.save_pretrained(tmp_path / "b")
+    reference = PeftModel.from_pretrained(make_tiny_model("llama"), tmp_path / "b")
+    merged = PeftModel.from_pretrained(make_tiny_model("llama"), path_a)
+    merged.merge_adapter()
+    merged.load_adapter(tmp_path / "b", adapter_name="b")
+    want, got = delta_weights(reference), delta_weights(merged, "b")
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name}: ΔW of the adapter loaded while another is merged differs"
+    merged.unmerge_adapter()
+    merged.set_adapter("b")
+    reference.set_adapter("default")
+    assert torch.allclose(logits(merged, tiny_batch()), logits(reference, tiny_batch()), atol=1e-5)
+
+
+# ---------------------------------------------------------------- finding 5: a LoRA under the OffPrincipal layer
+
+
+def test_merge_and_unload_keeps_a_lora_injected_under_the_offprincipal_layer():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    base = make_tiny_model("llama")
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), base)
+    with pytest.warns(UserWarning):
+        peft_model = get_peft_model(base, cfg(target_modules=["q_proj", "v_proj"]))
+    train_steps(peft_model, tiny_batch())
+    before = logits(peft_model, tiny_batch())
+    merged = peft_model.merge_and_unload()
+    assert torch.allclose(logits(merged, tiny_batch()), before, atol=1e-5)
+
+
+# ---------------------------------------------------------------- finding 14: out_proj inside nn.MultiheadAttention
+
+
+class WithMHA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.mha(x, x, x)[0])
+
+
+@pytest.mark.parametrize("targets", [["out_proj"], ["mha.out_proj", "proj"], "all-linear"])
+def test_out_proj_inside_multihead_attention_is_refused_with_the_reason(targets):
+    with pytest.raises((ValueError, TypeError), match=r"MultiheadAttention.*out_proj\.weight"):
+        get_peft_model(WithMHA(), OffPrincipalConfig(r=2, top_k=2, target_modules=targets))
+    get_peft_model(WithMHA(), OffPrincipalConfig(r=2, top_k=2, target_modules=["proj"]))  # the plain Linear is fine

@@ -20,6 +20,7 @@ from ..integrations.deepspeed import check_not_flattened
 from ..options import ProjectionOptions
 from ..projection import row_shard
 from ..subspace import (
+    CERTIFY_TIE_TOL,
     DEFAULT_NITER,
     DEFAULT_OVERSAMPLE,
     DEFAULT_SEED,
@@ -189,7 +190,7 @@ class PrincipalBases:
             sub = subspaces[name]
             try:
                 certify_subspace(W, sub if isinstance(sub, Subspace) else (sub[0], sub[1]), sides=self.options.sides,
-                                 topk_tol=TRAINED_TOPK_TOL, name=name)
+                                 topk_tol=CERTIFY_TIE_TOL + TRAINED_TOPK_TOL, name=name)
             except SubspaceMismatch as exc:
                 return str(exc)
             return None
@@ -314,7 +315,7 @@ class PrincipalBases:
             if hit is None:
                 return "missing"
             try:
-                certify_subspace(W, hit, sides=self.options.sides, topk_tol=TRAINED_TOPK_TOL, name=name)
+                certify_subspace(W, hit, sides=self.options.sides, topk_tol=CERTIFY_TIE_TOL + TRAINED_TOPK_TOL, name=name)
             except SubspaceMismatch as exc:
                 return str(exc)
             found[name] = hit

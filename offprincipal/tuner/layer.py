@@ -25,9 +25,10 @@ from transformers.pytorch_utils import Conv1D
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from .._sides import SIDES
 from ..integrations.deepspeed import fetch_for_forward, full_shape, gathered, is_partitioned, require_whole
 from ..projection import principal_leak, project_repeated, uses_left, uses_right
-from ..subspace import Subspace, minor_right_directions, weight_matrix
+from ..subspace import Subspace, minor_right_directions
 
 
 _CACHING_LAYERS: "weakref.WeakSet[OffPrincipalLayer]" = weakref.WeakSet()
@@ -75,10 +76,17 @@ class OffPrincipalLayer(BaseTunerLayer):
 
     Under DeepSpeed ZeRO-3 the layer's forward makes its factors whole through
     :func:`offprincipal.integrations.deepspeed.fetch_for_forward`; ``_keep_in_fp32_modules_strict`` (the transformers
-    convention DeepSpeed's ``keep_in_fp32_modules="auto"`` reads) keeps U and V fp32 under an engine's bf16/fp16."""
+    convention DeepSpeed's ``keep_in_fp32_modules="auto"`` reads) keeps U and V fp32 under an engine's bf16/fp16.
+
+    ``offprincipal_settings`` holds what ΔW depends on besides the factors and the base, saved with the adapter's
+    weights: int64 ``[k, index of sides in SIDES]`` (:meth:`settings`); loading refuses an adapter whose saved
+    settings differ from the ones its config gives (:meth:`OffPrincipalModel._remap_adapter_state_dict_for_load`)."""
 
     adapter_layer_names = ("offprincipal_A", "offprincipal_B")
-    other_param_names = ("r", "alpha", "scaling", "sides", "offprincipal_dropout", "offprincipal_U", "offprincipal_V")
+    other_param_names = (
+        "r", "alpha", "scaling", "sides", "offprincipal_dropout", "offprincipal_U", "offprincipal_V",
+        "offprincipal_settings",
+    )
     _basis_names = ("offprincipal_U", "offprincipal_V")
     _keep_in_fp32_modules_strict = _basis_names
 
@@ -93,6 +101,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.offprincipal_B = nn.ModuleDict({})
         self.offprincipal_U = BufferDict({}, persistent=False)
         self.offprincipal_V = BufferDict({}, persistent=False)
+        self.offprincipal_settings = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -142,6 +151,7 @@ class OffPrincipalLayer(BaseTunerLayer):
             self.offprincipal_U[adapter_name] = subspace.U.to(device=device, dtype=torch.float32)
         if uses_right(sides):
             self.offprincipal_V[adapter_name] = subspace.V.to(device=device, dtype=torch.float32)
+        self.offprincipal_settings[adapter_name] = torch.tensor([subspace.k, SIDES.index(sides)], device=device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
@@ -153,7 +163,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         elif init == "minor":
             base = self.get_base_layer()
             with gathered([base.weight]):  # ZeRO-3: whole on every rank while read
-                A.copy_(minor_right_directions(weight_matrix(base), k, self.r[adapter_name]).to(A))
+                A.copy_(minor_right_directions(self.base_weight_matrix(), k, self.r[adapter_name]).to(A))
         else:
             raise ValueError(f"unknown init {init!r}; use 'random' or 'minor'")
 
@@ -217,6 +227,23 @@ class OffPrincipalLayer(BaseTunerLayer):
     def unmerged_base_weight(self) -> torch.Tensor:
         """The base weight as it is when no adapter is merged (the copy kept by :meth:`Linear.merge` while merged)."""
         return self._unmerged_weight[0] if self.merged and self._unmerged_weight else self.get_base_layer().weight
+
+    def base_weight_matrix(self) -> torch.Tensor:
+        """The unmerged base weight in (out, in) orientation: what the bases of a new adapter are computed from, so
+        an adapter added while another is merged gets the same bases as on the bare base. ``ValueError`` when the
+        layer is merged without the copy of its base (e.g. unpickled while merged): unmerge first."""
+        if self.merged and not self._unmerged_weight:
+            raise ValueError(
+                f"{type(self).__name__}: the layer is merged and its unmerged base weight is not kept, so the bases of "
+                "a new adapter cannot be computed from the base; call unmerge_adapter() first"
+            )
+        weight = self.unmerged_base_weight()
+        return weight.T if self._transposed else weight
+
+    def settings(self, adapter_name: str) -> tuple[int, str]:
+        """(k, sides) of ``adapter_name``: the settings besides the factors that ΔW depends on."""
+        k, side = self.offprincipal_settings[adapter_name].tolist()
+        return int(k), SIDES[int(side)]
 
     def clear_factor_cache(self) -> None:
         """Forget the projected factors cached for no-grad forwards (see :meth:`effective_factors`)."""
@@ -331,6 +358,17 @@ class Linear(nn.Module, OffPrincipalLayer):
             h = self._cast_input_dtype(self.offprincipal_dropout[name](x), A.dtype)
             result = result + nn.functional.linear(nn.functional.linear(h, A), B) * self.scaling[name]
         return result.to(result_dtype)
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """What replaces this layer on ``merge_and_unload``/``unload`` (PEFT's hook): the layer it wraps, after
+        merging ΔW into the innermost weight. That is ``base_layer``, not ``get_base_layer()``: a tuner layer of
+        another method injected before this one (e.g. a LoRA) stays in place with its own update, instead of being
+        dropped with this layer."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.base_layer
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -13,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from .._sides import SIDES
 from ..integrations.deepspeed import is_partitioned, partitioned_subspaces
 from ..subspace import Subspace, compute_subspaces, weight_matrix
 from .config import OffPrincipalConfig
@@ -34,6 +36,25 @@ def max_principal_leak(model: nn.Module, adapter_name: str = "default") -> float
 
 def _linear_base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _base_matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) base weight a new adapter's bases come from: the unmerged one for an OffPrincipal layer."""
+    return module.base_weight_matrix() if isinstance(module, OffPrincipalLayer) else weight_matrix(_linear_base(module))
+
+
+def _refuse_inside_multihead_attention(model: nn.Module, key: str) -> None:
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` directly (``F.multi_head_attention_forward``), never calling
+    ``out_proj``: an adapter there would be ignored in forward and backward, yet merged into the weight."""
+    parent_key = key.rpartition(".")[0]
+    parent = model.get_submodule(parent_key) if parent_key else None
+    if isinstance(parent, nn.MultiheadAttention):
+        raise TypeError(
+            f"OffPrincipal cannot adapt {key!r}: it is the out_proj of an nn.MultiheadAttention, which reads "
+            "out_proj.weight directly instead of calling out_proj, so the adapter would be ignored in forward and "
+            "backward but merged into the weight (PEFT's LoRA has the same limit). Remove it from target_modules "
+            f"(with 'all-linear', add exclude_modules=[{key!r}])."
+        )
 
 
 class OffPrincipalModel(BaseTuner):
@@ -85,19 +106,21 @@ class OffPrincipalModel(BaseTuner):
                 continue
             base = _linear_base(module)
             if isinstance(base, (nn.Linear, Conv1D)):
+                _refuse_inside_multihead_attention(model, key)
                 layers[key] = module
         return layers
 
     def _prefetch_subspaces(self, layers: dict[str, nn.Module], config: OffPrincipalConfig) -> dict[str, Subspace]:
-        bases = {key: _linear_base(m) for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"}
-        return self._subspaces_of(bases, config, progress=True)
+        live = {key: m for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"}
+        return self._subspaces_of(live, config, progress=True)
 
-    def _subspaces_of(self, bases: dict[str, nn.Module], config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
-        """Bases of the base layers' weights; ZeRO-3 partitioned weights are gathered one at a time for it."""
-        if any(is_partitioned(b.weight) for b in bases.values()):
+    def _subspaces_of(self, layers: dict[str, nn.Module], config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
+        """Bases of the targeted layers' base weights, the unmerged ones for OffPrincipal layers (:func:`_base_matrix`);
+        ZeRO-3 partitioned weights are gathered one at a time for it."""
+        if any(is_partitioned(m.weight) for m in layers.values()):
             compute = functools.partial(self._compute_subspaces, config=config, progress=False)
-            return partitioned_subspaces(bases, weight_matrix, compute, progress=progress)
-        return self._compute_subspaces({key: weight_matrix(b) for key, b in bases.items()}, config, progress)
+            return partitioned_subspaces(layers, _base_matrix, compute, progress=progress)
+        return self._compute_subspaces({key: _base_matrix(m) for key, m in layers.items()}, config, progress)
 
     @staticmethod
     def _compute_subspaces(weights, config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
@@ -109,6 +132,45 @@ class OffPrincipalModel(BaseTuner):
             cache_dir=config.subspace_cache_dir,
             progress=progress,
         )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's remapping of a checkpoint's keys, then the check that the adapter's saved settings
+        (``offprincipal_settings``: k and sides per layer) are the ones its config gives here, before anything is
+        loaded: the factors alone do not fix ΔW, and another top_k, top_k_pattern or sides (from ``config=``, or an
+        edited adapter_config.json) would change it silently. A mismatch raises ``ValueError`` naming the layers
+        (and removes the adapter that ``load_adapter`` had added); an adapter saved without the settings loads
+        with a warning that they cannot be checked."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        mismatched, unchecked = [], 0
+        for name, module in model.named_modules():
+            if not isinstance(module, OffPrincipalLayer) or adapter_name not in module.offprincipal_settings:
+                continue
+            saved = remapped.get(f"{name}.offprincipal_settings.{adapter_name}")
+            if saved is None:
+                unchecked += 1
+                continue
+            k, side = (int(v) for v in saved.tolist())
+            if (k, side) != tuple(module.offprincipal_settings[adapter_name].tolist()):
+                live_k, live_sides = module.settings(adapter_name)
+                saved_sides = SIDES[side] if 0 <= side < len(SIDES) else f"<invalid {side}>"
+                mismatched.append(f"{name}: saved top_k={k}, sides={saved_sides!r}; here top_k={live_k}, sides={live_sides!r}")
+        if mismatched:
+            peft_config = getattr(model, "peft_config", {})
+            if isinstance(peft_config, dict) and len(peft_config) > 1 and hasattr(model, "delete_adapter"):
+                model.delete_adapter(adapter_name)  # load_adapter added it next to others: take it out again
+            more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+            raise ValueError(
+                f"OffPrincipal adapter {adapter_name!r}: its config gives other top_k or sides than the adapter was "
+                f"saved with, which would change ΔW — {'; '.join(mismatched[:3])}{more}. Load it with the "
+                "adapter_config.json it was saved with (unedited, no config= with other top_k, top_k_pattern or sides)."
+            )
+        if unchecked:
+            warnings.warn(
+                f"OffPrincipal adapter {adapter_name!r} was saved without its settings (k, sides) for {unchecked} "
+                "layers (saved by an older version), so they cannot be checked against its config"
+            )
+        return remapped
 
     def _create_and_replace(
         self,
@@ -130,7 +192,7 @@ class OffPrincipalModel(BaseTuner):
             config.fan_in_fan_out = resolve_fan_in_fan_out(base, True)  # LoRA's warning; reset to False as LoRA does
         subspace = self._prefetched.get(current_key)
         if subspace is None:  # e.g. matched from a state_dict, or a weight that was on the meta device
-            subspace = self._subspaces_of({current_key: base}, config, progress=False)[current_key]
+            subspace = self._subspaces_of({current_key: target}, config, progress=False)[current_key]
         kwargs = dict(
             r=config.r,
             alpha=config.alpha,
