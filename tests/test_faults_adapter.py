@@ -371,3 +371,16 @@ def test_out_proj_inside_multihead_attention_is_refused_with_the_reason(targets)
     with pytest.raises((ValueError, TypeError), match=r"MultiheadAttention.*out_proj\.weight"):
         get_peft_model(WithMHA(), OffPrincipalConfig(r=2, top_k=2, target_modules=targets))
     get_peft_model(WithMHA(), OffPrincipalConfig(r=2, top_k=2, target_modules=["proj"]))  # the plain Linear is fine
+
+
+def test_the_settings_travel_in_the_weights_file_and_an_adapter_without_them_loads_with_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    trained, path = saved_adapter(tmp_path, top_k_pattern={"q_proj": 4})
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    settings = {k: v.tolist() for k, v in tensors.items() if k.endswith("offprincipal_settings")}
+    assert settings and all(v == [4 if "q_proj" in k else 8, 0] for k, v in settings.items())
+    save_file({k: v for k, v in tensors.items() if k not in settings}, str(path / "adapter_model.safetensors"))
+    with pytest.warns(UserWarning, match="saved without its settings"):
+        loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)
+    assert torch.equal(logits(loaded, tiny_batch()), logits(trained, tiny_batch()))
