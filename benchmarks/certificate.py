@@ -23,7 +23,7 @@ spectrum with an exact tie at k), it records:
 - cost: the fp32 top-k SVD (``top_k_subspace``) and the certificate of its result, timed weight by weight,
   interleaved, ``--rounds`` times; sums of each weight's fastest time (target: certificate ≤ 10% of the SVD).
 
-    python benchmarks/certificate.py --every 6      # every 6th weight (35 of 210, all 7 kinds)
+    python benchmarks/certificate.py --every 15     # every 15th weight (14 of 210, all 7 kinds), as committed
     python benchmarks/certificate.py                 # all 210 weights
 """
 
