@@ -191,8 +191,9 @@ singular value left out exceeds the smallest kept one by more than this fraction
 term ``CERTIFY_ROUNDING · ‖W‖_F``). Pairs whose singular values differ by less are treated as tied: at a tie
 σ_k = σ_{k+1} every orthonormal basis of the tied pairs is equally "top k", and so is any choice among pairs within
 the tolerance. A fresh fp32 SVD leaves nothing out above S_k (σ₁ of its residual is σ_{k+1} ≤ σ_k to ~1e-6
-relative); SmolLM2's smallest gap σ₃₂/σ₃₃ is 1.001 (benchmarks/results/certificate_smollm2_cpu.md), ten times
-this tolerance, so its k-th pair swapped for the (k+1)-th is refused."""
+relative); the smallest gap σ₃₂/σ₃₃ measured on SmolLM2 (the q_proj weights of its 30 layers) is 1.00099, ten times
+this tolerance, so its k-th pair swapped for the (k+1)-th is refused (benchmarks/results/certificate_smollm2_cpu.md
+counts the refusals)."""
 
 CERTIFY_ROUNDING = 16 * torch.finfo(torch.float32).eps
 """Absolute slack of the top-k check, as a fraction of ‖W‖_F: the fp32 rounding of forming the residual
@@ -200,8 +201,8 @@ W − U·diag(S)·Vᵀ and its Gram matrix (≈ 1.9e-6·‖W‖_F)."""
 
 CERTIFY_PAIR_TOL = 1e-4
 """Floor of the singular-pair tolerance, relative to ‖S‖_F: a fresh fp32 SVD leaves ‖W·V − U·diag(S)‖_F / ‖S‖_F
-≤ 1e-6 on SmolLM2 (benchmarks/results/certificate_smollm2_cpu.md), and fp32 training adds about 2⁻²⁴ relative per
-step; 1e-4 leaves a hundredfold margin."""
+between 7e-7 and 1e-6 (measured on SmolLM2's q_proj weights, fp32 and bf16-rounded), and fp32 training adds about
+2⁻²⁴ relative per step; 1e-4 leaves a hundredfold margin."""
 
 CERTIFY_ROUNDING_SIGMAS = 2.0
 """Multiple of the expected size of one rounding of the stored weight (see :func:`rounding_allowance`) that the
@@ -296,7 +297,7 @@ def certify_subspace(
 
     Cost: two products with W for the pairs (W·V, Uᵀ·W: O(m·n·k)), forming R (O(m·n·k)), its Gram matrix on the
     smaller side (O(m·n·min(m, n)), one GEMM) and a Cholesky factorization (O(min(m, n)³/3)); a 16-bit weight adds
-    a few elementwise passes over W. Measured 3–6% of the fp32 SVD it replaces
+    a few elementwise passes over W. Measured 7.8% of the fp32 SVD it replaces on SmolLM2
     (benchmarks/results/certificate_smollm2_cpu.md). On failure σ₁(R) is computed for the message.
     """
     what = f"the bases of {name!r}" if name else "the bases"
