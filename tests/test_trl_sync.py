@@ -207,3 +207,37 @@ def test_the_stock_trainer_with_a_lora_adapter_is_unchanged(async_env, one_threa
     load = [c for c in RecordingVLLMClient.instances[-1].calls if c[0] == "load"][-1]
     tensors = load_file(f"{load[2]}/adapter_model.safetensors")
     assert tensors and all("lora_" in k for k in tensors)
+
+
+# ------------------------------------------------------------ the README's scale-out recipe
+
+
+def test_accelerate_configs_are_trls_fsdp2_and_zero3_recipes():
+    import yaml
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+    fsdp = yaml.safe_load((folder / "fsdp2.yaml").read_text())
+    zero = yaml.safe_load((folder / "zero3.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True  # the case the adapter must survive
+    assert zero["distributed_type"] == "DEEPSPEED" and zero["deepspeed_config"]["zero_stage"] == 3
+    assert fsdp["mixed_precision"] == zero["mixed_precision"] == "bf16"
+
+
+def test_the_accelerate_example_trains_a_step_without_vllm(tmp_path, monkeypatch, one_thread):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "grpo_offprincipal.py"
+    spec = importlib.util.spec_from_file_location("grpo_offprincipal", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)
+    example.main(["--model", str(model_dir), "--vllm-mode", "none", "--max-steps", "1", "--r", "4", "--top-k", "4",
+                  "--max-completion-length", "8", "--output-dir", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "OFFPRINCIPAL"
