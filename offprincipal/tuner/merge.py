@@ -58,7 +58,7 @@ class MergeRecord:
     index: torch.Tensor  # flat indices of the exceptions (int32/int64)
     values: torch.Tensor  # W0 at those indices, in the weight's dtype
     dense: dict[int, torch.Tensor] = field(default_factory=dict)  # first row of a chunk -> copy of its W0 rows
-    checksum: int = 0  # Σ of W0's bit patterns (int64, wrapping), to detect a restore that went wrong
+    checksum: int = 0  # Σ of W0's bit patterns (an exact integer), to detect a restore that went wrong
     version: Optional[int] = None  # the weight's version counter and storage right after the merge
     pointer: Optional[int] = None
 
@@ -79,8 +79,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def checksum(weight: torch.Tensor) -> int:
-    """Σ of the bit patterns of ``weight`` as int64 (one pass; order-independent, exact)."""
-    return int(_bits(weight.detach()).sum(dtype=torch.int64))
+    """Σ of the bit patterns of ``weight`` as int64 (exact; summed by chunks of rows, so the int64 widening needs one
+    chunk's worth of memory, not the weight's)."""
+    _, chunks = _chunks(weight)
+    bits = _bits(weight.detach())
+    return sum(int(bits[start:stop].sum(dtype=torch.int64)) for start, stop in chunks)
 
 
 def delta_rows(factors: Sequence[Factors], start: int, stop: int) -> torch.Tensor:
