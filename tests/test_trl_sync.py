@@ -188,6 +188,15 @@ def test_async_grpo_rank_above_the_servers_is_refused_with_trls_message(async_en
         async_trainer(async_env, OffPrincipalConfig(r=20, top_k=4, target_modules=["q_proj", "v_proj"]))
 
 
+def test_a_rank_above_vllms_largest_is_refused_with_trls_message(async_env):
+    view = LoraSyncView(get_peft_model(make_tiny_model("llama"), OffPrincipalConfig(r=600, top_k=4,
+                                                                                   target_modules=["q_proj"])), "default")
+    info = {**RecordingVLLMClient.server_info, "lora_config": {"max_lora_rank": 512, "max_loras": 8}}
+    args = agt.AsyncGRPOConfig(output_dir=str(async_env[0]), use_cpu=True, bf16=False, report_to=[])
+    with pytest.raises(ValueError, match="larger than the largest rank vLLM can serve"):
+        agt.select_adapter_sync(info, view, args)
+
+
 def test_async_grpo_modules_to_save_falls_back_to_merged_sync(async_env):
     """TRL's validation applies to the exported LoRA: modules_to_save cannot ride in a vLLM LoRA, so the stock
     fallback (merged weights, the adapter's exact merge) is chosen."""
