@@ -205,7 +205,7 @@ class StepTimer:
 def run(args) -> str:
     import tempfile
 
-    from offprincipal.hardware import describe_device
+    from offprincipal.experiment.hardware import describe_device
 
     machine = describe_device(args.device)
     rows, bounds = [], []
