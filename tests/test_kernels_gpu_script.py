@@ -1,5 +1,6 @@
-"""``benchmarks/gpu.sh --dry-run`` runs end to end on CPU (Triton's interpreter, tiny shapes), so the one-shot GPU
-script is known to work before a GPU is lent; and the kernels import nothing from the layers above them."""
+"""``benchmarks/gpu.sh --dry-run`` runs end to end on CPU (Triton's interpreter, tiny shapes; the TRL sync step on a
+tiny Llama), so the one-shot GPU script is known to work before a GPU is lent; and the kernels import nothing from
+the layers above them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def test_gpu_script_dry_run(tmp_path):
         assert f"{step}: rc=0" in summary, summary
     assert "Triton fused" in (tmp_path / "kernels_smoke.md").read_text()
     assert (tmp_path / "subspaces_llama7b_cpu.md").exists() and (tmp_path / "env.txt").exists()
+    # step 5 (TRL weight sync, issue 16): runs wherever trl is installed; its report names both methods and the base
+    # came back bit for bit from OffPrincipal's unmerge
+    if "sync_memory: skipped" not in summary:
+        assert "sync_memory: rc=0" in summary, summary
+        report = (tmp_path / "sync_memory_smoke.md").read_text()
+        rows = [line for line in report.splitlines() if line.startswith("| bf16 |")]
+        assert {row.split("|")[3].strip() for row in rows} == {"lora", "offprincipal"}
+        assert all(row.split("|")[9].strip() == "yes" for row in rows if "offprincipal" in row)
 
 
 def test_kernels_import_nothing_from_the_layers_above():

@@ -68,7 +68,14 @@ _TMP_PREFIX = ".save_as_lora-"
 
 def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default") -> LoraConfig:
     """Write :func:`to_lora`'s adapter to the folder ``path``: ``adapter_config.json`` and
-    ``adapter_model.safetensors``.
+    ``adapter_model.safetensors`` (see :func:`write_lora` for which folders are accepted and how files are written)."""
+    lora_config, state_dict = to_lora(model, adapter_name)
+    write_lora(path, lora_config, state_dict)
+    return lora_config
+
+
+def write_lora(path: Union[str, os.PathLike], lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write a LoRA adapter (``lora_config``; ``state_dict`` in PEFT's saved key format) to the folder ``path``.
 
     ``path`` must be missing (it is created), empty, or an adapter folder: one holding only files of a PEFT adapter
     (``adapter_config.json``, ``adapter_model.safetensors``, ``adapter_model.bin``, ``README.md``). Anything else
@@ -76,7 +83,6 @@ def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_
     two files is written to a temporary file in the same folder and moved into place with ``os.replace``, so it is
     either the old file or the complete new one; other files of the folder are left untouched.
     """
-    lora_config, state_dict = to_lora(model, adapter_name)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"save_as_lora: {str(path)!r} exists and is not a folder; pass a folder path")
@@ -91,7 +97,7 @@ def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_
             )
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.cpu() for k, v in state_dict.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     writers = {
         SAFETENSORS_WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp)),  # the weights first, the config last
         CONFIG_NAME: lambda tmp: tmp.write_text(json.dumps(_config_dict(lora_config), indent=2, sort_keys=True)),
@@ -110,7 +116,6 @@ def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_
         if created and not any(path.iterdir()):
             path.rmdir()  # the empty folder this call created
         raise
-    return lora_config
 
 
 def _config_dict(config: LoraConfig) -> dict:

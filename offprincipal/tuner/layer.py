@@ -29,6 +29,7 @@ from .._sides import SIDES
 from ..integrations.deepspeed import fetch_for_forward, full_shape, gathered, is_partitioned, require_whole
 from ..projection import principal_leak, project_repeated, uses_left, uses_right
 from ..subspace import Subspace, minor_right_directions
+from .merge import Factors, MergeRecord, merge_exact, subtract, unmerge_exact
 
 
 _CACHING_LAYERS: "weakref.WeakSet[OffPrincipalLayer]" = weakref.WeakSet()
@@ -106,7 +107,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         self._factor_cache: dict[str, tuple] = {}  # scratch, not state: a plain dict is never saved
-        self._unmerged_weight: Optional[tuple] = None  # scratch: (copy of the base weight, its version, its pointer)
+        self._merge_records: list[MergeRecord] = []  # scratch: one exact correction per merge call (see .merge)
         ensure_step_hook()  # the factor cache must be dropped after every optimizer step
 
         base = self.get_base_layer()
@@ -225,17 +226,37 @@ class OffPrincipalLayer(BaseTunerLayer):
         self._factor_cache.pop(adapter_name, None)
 
     def unmerged_base_weight(self) -> torch.Tensor:
-        """The base weight as it is when no adapter is merged (the copy kept by :meth:`Linear.merge` while merged)."""
-        return self._unmerged_weight[0] if self.merged and self._unmerged_weight else self.get_base_layer().weight
+        """The base weight as it is when no adapter is merged: the live weight when unmerged; while merged, a copy
+        rebuilt bit for bit from the merged weight and the merge corrections (one extra weight, transient)."""
+        weight = self.get_base_layer().weight
+        if not (self.merged and self._merge_records):
+            return weight
+        restored = weight.detach().clone()
+        for record in reversed(self._merge_records):
+            unmerge_exact(restored, record)
+        return restored
+
+    def merge_correction_bytes(self) -> int:
+        """Bytes held by the exact merge corrections while merged (0 when unmerged); see :mod:`.merge`."""
+        return sum(r.nbytes for r in self._merge_records)
+
+    def merge_factors(self, adapter_name: str) -> Factors:
+        """ΔW of ``adapter_name`` as scaling · L R in the orientation of the stored base weight: (B̃, Ã) for (out, in),
+        (Ãᵀ, B̃ᵀ) for GPT-2's (in, out); the projected factors are the cached ones (no copy)."""
+        A, B = self.effective_factors(adapter_name)
+        A, B = A.detach(), B.detach()
+        L, R = (A.T, B.T) if self._transposed else (B, A)
+        return Factors(L, R, self.scaling[adapter_name])
 
     def base_weight_matrix(self) -> torch.Tensor:
         """The unmerged base weight in (out, in) orientation: what the bases of a new adapter are computed from, so
         an adapter added while another is merged gets the same bases as on the bare base. ``ValueError`` when the
-        layer is merged without the copy of its base (e.g. unpickled while merged): unmerge first."""
-        if self.merged and not self._unmerged_weight:
+        layer is merged without the corrections that restore its base (e.g. unpickled while merged): unmerge first."""
+        if self.merged and not self._merge_records:
             raise ValueError(
-                f"{type(self).__name__}: the layer is merged and its unmerged base weight is not kept, so the bases of "
-                "a new adapter cannot be computed from the base; call unmerge_adapter() first"
+                f"{type(self).__name__}: the layer is merged and the corrections that restore its unmerged base weight "
+                "are not kept, so the bases of a new adapter cannot be computed from the base; call unmerge_adapter() "
+                "first"
             )
         weight = self.unmerged_base_weight()
         return weight.T if self._transposed else weight
@@ -289,16 +310,17 @@ class Linear(nn.Module, OffPrincipalLayer):
         self.update_layer(adapter_name, r, alpha, dropout, sides, init, subspace)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the active adapters' ΔW to the base weight: W ← round(W0 + Σ ΔW) in the weight's dtype (fp32 math).
+        """Add the active adapters' ΔW to the base weight: W ← fl(W0 + Σ ΔW) in the weight's dtype (fp32 math).
 
-        Unmerging restores W0 bit for bit in every dtype (TRL's vLLM weight sync merges and unmerges at every
-        step; subtracting ΔW again would drift a bf16/fp16 base by one rounding per cycle). For that, the first
-        merge keeps a copy of W0, so while merged each merged layer holds one extra copy of its base weight in the
-        weight's own dtype and on its device: memory + Σ over merged layers of numel(W) · element_size(W). The
-        copy is dropped by :meth:`unmerge` (and with the layer by ``merge_and_unload``).
+        Unmerging restores W0 bit for bit in every dtype (TRL's vLLM weight sync merges and unmerges at every step;
+        subtracting ΔW again would drift a bf16/fp16 base by one rounding per cycle). For that, each merge keeps an
+        exact compact correction (:func:`offprincipal.tuner.merge.merge_exact`): the flat indices and W0 values of
+        the entries where fl(W − ΔW) misses W0, a fraction of a percent of the entries for fine-tuning-sized ΔW and
+        never more than a copy of the weight (chunks where exceptions would cost more keep their rows instead).
+        Memory while merged: :meth:`merge_correction_bytes` per layer; transient: a few 2²⁰-entry fp32 buffers.
 
-        ``safe_merge``: the merged weight is computed out of place and checked for NaN/inf first; a broken
-        adapter raises ``ValueError`` (PEFT's wording) and the base weight is left untouched.
+        ``safe_merge``: the merged weight is computed first and checked for NaN/inf; a broken adapter raises
+        ``ValueError`` (PEFT's wording) and the base weight is left untouched.
         """
         adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.offprincipal_A]
         if not adapter_names:
@@ -306,39 +328,41 @@ class Linear(nn.Module, OffPrincipalLayer):
         weight = self.get_base_layer().weight
         require_whole(weight, "the base weight")  # ZeRO-3: merging needs the gathered weight (TRL gathers)
         with torch.no_grad():
-            merged = weight.detach().float()
-            for name in adapter_names:
-                merged = merged + self.get_delta_weight(name).detach()
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            if not self.merged:
-                self._unmerged_weight = (weight.detach().clone(), None, None)
-            weight.copy_(merged.to(weight.dtype))  # bumps the version counter, unlike a write through .data
-            self._unmerged_weight = self._unmerged_weight[:1] + (weight._version, weight.data_ptr())
+            factors = [self.merge_factors(name) for name in adapter_names]
+            record = merge_exact(weight, factors, safe=safe_merge, labels=adapter_names)
+        self._merge_records.append(record)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
-        """Undo every merge: restore the copy of the base weight kept by :meth:`merge`, bit for bit.
+        """Undo every merge, last first, with the corrections kept by :meth:`merge`: W0 bit for bit.
 
         If the weight was changed in place or replaced while merged (its version counter or storage moved), the
-        copy is no longer the right answer: ΔW is subtracted instead (fp32 math, one rounding), with a warning.
+        corrections no longer apply: ΔW is subtracted instead (fp32 math, one rounding), with a warning.
         """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         weight = self.get_base_layer().weight
-        saved, version, pointer = self._unmerged_weight or (None, None, None)
+        records, self._merge_records = self._merge_records, []
+        top = records[-1] if records else None
         with torch.no_grad():
-            if saved is not None and weight._version == version and weight.data_ptr() == pointer:
-                weight.copy_(saved)
+            if top is not None and weight._version == top.version and weight.data_ptr() == top.pointer:
+                exact = all([unmerge_exact(weight, record) for record in reversed(records)])
+                if not exact:
+                    warnings.warn(
+                        f"offprincipal: unmerging {type(self.get_base_layer()).__name__} did not restore the base "
+                        "bit for bit (its checksum differs): ΔW was not recomputed identically (nondeterministic "
+                        "matmul?). Set torch.use_deterministic_algorithms(True)."
+                    )
             else:
                 warnings.warn(
                     f"offprincipal: the base weight of {type(self.get_base_layer()).__name__} was modified while "
                     "merged; unmerge subtracts ΔW instead of restoring the saved base (not bit-exact in bf16/fp16)"
                 )
-                delta = sum(self.get_delta_weight(n).detach() for n in self.merged_adapters if n in self.offprincipal_A)
-                weight.copy_((weight.detach().float() - delta).to(weight.dtype))
-        self._unmerged_weight = None
+                if records:
+                    subtract(weight, [f for record in records for f in record.factors])
+                else:
+                    subtract(weight, [self.merge_factors(n) for n in self.merged_adapters if n in self.offprincipal_A])
         self.merged_adapters.clear()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
