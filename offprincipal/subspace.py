@@ -153,6 +153,40 @@ def top_k_subspace(
     raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {method!r}")
 
 
+BASIS_KINDS = ("top", "random")
+"""What an adapter's bases are: ``"top"`` the top-k singular bases (the method), ``"random"`` seeded random
+orthonormal k-column bases of the same shapes (the control that asks whether the *principal* directions matter)."""
+
+
+def random_subspace(weight: torch.Tensor, k: int, seed: int, name: str = "") -> Subspace:
+    """Seeded random orthonormal bases of the shapes of the top-k bases of ``weight`` (m, n): U (m×k), V (n×k).
+
+    U and V are the Q factors of two Gaussian blocks drawn in fp64 on the CPU from a generator seeded by a BLAKE2b
+    digest of ``(seed, name, m, n, k)``, so they depend only on those (not on the weight's values or device) and are
+    bit-identical in every process; each weight (``name``) gets its own pair. Columns are orthonormal to fp64
+    rounding before the cast to fp32. Uniform on the Stiefel manifold up to the sign convention of the QR.
+    ``S = diag(Uᵀ W V)`` (the weight's Rayleigh quotients on the random pairs: NOT singular values, and these bases
+    are not certifiable as top-k — they are never stored in or read from the :class:`SubspaceCache`)."""
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    m, n = weight.shape
+    if not 1 <= k < min(m, n):
+        raise ValueError(f"random_subspace: k={k} needs 1 ≤ k < min(m, n) = {min(m, n)} for {name or 'weight'}")
+    digest = hashlib.blake2b(f"{int(seed)}|{name}|{m}|{n}|{k}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    U = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=gen)).Q.to(torch.float32).contiguous()
+    V = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=gen)).Q.to(torch.float32).contiguous()
+    return subspace_from_bases(weight, U.to(weight.device), V.to(weight.device))
+
+
+def random_subspaces(
+    weights: Mapping[str, torch.Tensor], top_k: TopK, seed: int, *, top_k_pattern: Optional[Mapping[str, TopK]] = None
+) -> dict[str, Subspace]:
+    """:func:`random_subspace` of every weight (name → (out, in) tensor), k resolved as in :func:`compute_subspaces`."""
+    return {name: random_subspace(w, resolve_top_k(top_k, tuple(w.shape), name, top_k_pattern), seed, name)
+            for name, w in weights.items()}
+
+
 def _batched_exact(weights: list[torch.Tensor], k: int) -> list[Subspace]:
     """Exact top-k of several equal-shape weights with one batched ``torch.linalg.svd`` call."""
     U, S, Vh = torch.linalg.svd(torch.stack([w.detach().float() for w in weights]), full_matrices=False)

@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ..options import DEFAULT_SIDES, DEFAULT_SVD_METHOD, DEFAULT_TOP_K, ProjectionOptions
-from ..subspace import FINGERPRINT_RE
+from ..subspace import BASIS_KINDS, FINGERPRINT_RE
 
 PEFT_TYPE_NAME = "OFFPRINCIPAL"
 INIT_CHOICES = ("random", "minor")
@@ -36,6 +36,13 @@ class OffPrincipalConfig(PeftConfig):
         sides: ``"both"`` (default), ``"left"`` or ``"right"``.
         init: ``"random"`` (LoRA-style: A Kaiming-uniform, B = 0) or ``"minor"`` (rows of A are the r right
             singular directions of smallest singular value outside the top-k, B = 0). Both start at ΔW = 0.
+        basis: ``"top"`` (default): U, V are the top-k singular bases of each weight — the method. ``"random"``: U, V
+            are seeded random orthonormal k-column bases of the same shapes
+            (:func:`offprincipal.subspace.random_subspace`), with the same k, sides and init: the control that tells
+            whether keeping updates off the *principal* directions matters or any k-dimensional constraint would do.
+            Random bases depend only on ``basis_seed``, the module's name, its shape and k; they are rebuilt
+            identically on reload and never touch the bases cache (which holds certified top-k bases only).
+        basis_seed: the seed of ``basis="random"`` (ignored for ``"top"``).
         svd_method: ``"exact"`` (full fp32 SVD) or ``"randomized"`` (64 extra columns, 16 QR-stabilised power
             iterations).
         subspace_cache_dir: where the bases are cached (safetensors, keyed by a fingerprint of the weight);
@@ -69,6 +76,10 @@ class OffPrincipalConfig(PeftConfig):
         default=DEFAULT_SIDES, metadata={"help": "Which side(s) of ΔW are kept off the principal subspace."}
     )
     init: Literal["random", "minor"] = field(default="random", metadata={"help": "Initialisation of A (B = 0)."})
+    basis: Literal["top", "random"] = field(
+        default="top", metadata={"help": "'top': the top-k singular bases; 'random': seeded random orthonormal bases."}
+    )
+    basis_seed: int = field(default=0, metadata={"help": "Seed of the random bases (basis='random')."})
     svd_method: Literal["exact", "randomized"] = field(
         default=DEFAULT_SVD_METHOD, metadata={"help": "How bases are computed."}
     )
@@ -112,6 +123,10 @@ class OffPrincipalConfig(PeftConfig):
             raise ValueError(f"OffPrincipalConfig.dropout must lie in [0, 1), got {self.dropout}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"OffPrincipalConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
+        if self.basis not in BASIS_KINDS:
+            raise ValueError(f"OffPrincipalConfig.basis must be one of {BASIS_KINDS}, got {self.basis!r}")
+        if isinstance(self.basis_seed, bool) or not isinstance(self.basis_seed, int) or self.basis_seed < 0:
+            raise ValueError(f"OffPrincipalConfig.basis_seed must be an int ≥ 0, got {self.basis_seed!r}")
         if self.bias != "none":
             raise ValueError(f"OffPrincipalConfig.bias={self.bias!r} is not supported; use bias='none'")
         if self.layers_pattern and not self.layers_to_transform:

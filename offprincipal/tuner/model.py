@@ -16,7 +16,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from .._sides import SIDES
 from ..integrations.deepspeed import is_partitioned, partitioned_subspaces
-from ..subspace import Subspace, compute_subspaces, weight_matrix
+from ..subspace import Subspace, compute_subspaces, random_subspaces, weight_matrix
 from .config import OffPrincipalConfig
 from .fingerprint import check_base_fingerprint
 from .layer import Linear, OffPrincipalLayer, resolve_fan_in_fan_out
@@ -61,7 +61,8 @@ class OffPrincipalModel(BaseTuner):
     """Creates an OffPrincipal adapter model from a pretrained model (use ``peft.get_peft_model``).
 
     Before injecting an adapter, the principal bases of every targeted weight are computed in one pass
-    through :func:`offprincipal.subspace.compute_subspaces` (disk cache, progress bar, total time).
+    through :func:`offprincipal.subspace.compute_subspaces` (disk cache, progress bar, total time), or with
+    ``basis="random"`` drawn by :func:`offprincipal.subspace.random_subspaces` (no cache).
     """
 
     prefix: str = "offprincipal_"
@@ -124,6 +125,10 @@ class OffPrincipalModel(BaseTuner):
 
     @staticmethod
     def _compute_subspaces(weights, config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
+        """The bases of ``weights`` (module name → (out, in) weight) that ``config`` asks for: the only place an
+        adapter's bases are chosen."""
+        if config.basis == "random":
+            return random_subspaces(weights, config.top_k, config.basis_seed, top_k_pattern=config.top_k_pattern)
         return compute_subspaces(
             weights,
             config.top_k,
