@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..files import to_json
-from ..trainer import OffPrincipalDiagnosticsCallback, PeriodicLogsCallback
+from ..trainer import PeriodicLogsCallback
 from .methods import get_method
 from .spec import TrainSpec
 
@@ -74,15 +74,11 @@ def progress_fields(record: dict) -> str:
 
 
 def build_callbacks(spec: TrainSpec, metrics_path: Path, evaluate: Callable) -> list:
-    """The method's callback (OffPrincipal diagnostics for the adapter, the projected optimizer or a sparse mask for
-    full training), periodic held-out accuracy when ``spec.eval_every``, and :class:`Progress` last (it sees what the
-    others add to each log)."""
+    """The method's callback (``Method.callback``: OffPrincipal diagnostics for the adapters, the projected optimizer
+    or a sparse mask for full training, GeoRA's initialisation), periodic held-out accuracy when ``spec.eval_every``,
+    and :class:`Progress` last (it sees what the others add to each log)."""
     method = get_method(spec.method)
-    callbacks = []
-    if method.name == "offprincipal":
-        callbacks.append(OffPrincipalDiagnosticsCallback(log_every=1))
-    elif method.callback is not None:
-        callbacks.append(method.callback(spec.top_k))
+    callbacks = [] if method.callback is None else [method.callback(spec.top_k)]
     if spec.eval_every and spec.eval_n:
         callbacks.append(HeldOutAccuracy(spec.eval_every, evaluate))
     return callbacks + [Progress(metrics_path, method.name)]

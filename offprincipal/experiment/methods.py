@@ -24,8 +24,10 @@ class Method:
 
     ``name``: how it is spelled everywhere (``--method``, run records, reports). ``family``: the method whose
     learning rate a benchmark sweep chooses for it. ``adapter``: trains a PEFT adapter (saved as ``adapter/``) rather
-    than the full model (``model/``). ``trainer``: ``"grpo"`` or ``"sft"``. ``peft_config(rank, top_k)`` builds the
-    adapter config; ``callback(top_k)`` the Trainer callback of a full-parameter variant (or None).
+    than the full model (``model/``). ``trainer``: ``"grpo"`` or ``"sft"``. ``peft_config(rank, top_k, seed)`` builds
+    the adapter config (``seed``: the run's seed, for what the method draws at random, e.g. random bases);
+    ``callback(top_k)`` the method's Trainer callback, if any (the adapter's live diagnostics, the projected
+    optimizer or a sparse mask of a full-parameter variant, GeoRA's initialisation).
     ``merges_base``: its adapter is relative to rewritten base weights (PiSSA), so the merged model is saved.
     """
 
@@ -35,7 +37,7 @@ class Method:
     adapter: bool
     default_lr: float
     trainer: str = "grpo"
-    peft_config: Optional[Callable[[int, int], Any]] = field(default=None, compare=False, repr=False)
+    peft_config: Optional[Callable[[int, int, int], Any]] = field(default=None, compare=False, repr=False)
     callback: Optional[Callable[[int], Any]] = field(default=None, compare=False, repr=False)
     merges_base: bool = False
     aliases: tuple = ()
@@ -46,14 +48,20 @@ class Method:
         return self.adapter and self.name != "osf"
 
 
-def _offprincipal_config(rank: int, top_k: int):
-    from ..tuner import OffPrincipalConfig
+def _offprincipal_config(**variant) -> Callable[[int, int, int], Any]:
+    """``basis="random"`` variants draw their bases with the run's seed."""
 
-    return OffPrincipalConfig(r=rank, alpha=rank, top_k=top_k, target_modules="all-linear")
+    def build(rank: int, top_k: int, seed: int = 0):
+        from ..tuner import OffPrincipalConfig
+
+        seeded = {"basis_seed": seed} if variant.get("basis") == "random" else {}
+        return OffPrincipalConfig(r=rank, alpha=rank, top_k=top_k, target_modules="all-linear", **variant, **seeded)
+
+    return build
 
 
-def _lora_config(**variant) -> Callable[[int, int], Any]:
-    def build(rank: int, top_k: int):
+def _lora_config(**variant) -> Callable[[int, int, int], Any]:
+    def build(rank: int, top_k: int, seed: int = 0):
         from peft import LoraConfig
 
         return LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", task_type="CAUSAL_LM", **variant)
@@ -61,10 +69,22 @@ def _lora_config(**variant) -> Callable[[int, int], Any]:
     return build
 
 
-def _osf_config(rank: int, top_k: int):
+def _osf_config(rank: int, top_k: int, seed: int = 0):
     from peft import OSFConfig
 
     return OSFConfig(effective_rank=top_k, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _adapter_diagnostics(top_k: int):
+    from ..trainer import OffPrincipalDiagnosticsCallback
+
+    return OffPrincipalDiagnosticsCallback(log_every=1)
+
+
+def _geora_callback(top_k: int):
+    from .geora import GeoRACallback
+
+    return GeoRACallback(top_k=top_k)
 
 
 def _offprincipal_callback(top_k: int):
@@ -87,7 +107,11 @@ def _method_list() -> list[Method]:
     full = dict(adapter=False, default_lr=FULL_LR, family="full")
     return [
         Method("offprincipal", "OffPrincipal adapter (PEFT): low-rank update kept off the top-k principal directions",
-               family="offprincipal", peft_config=_offprincipal_config, **adapter),
+               family="offprincipal", peft_config=_offprincipal_config(), callback=_adapter_diagnostics, **adapter),
+        Method("offprincipal-random", "the OffPrincipal adapter with seeded random orthonormal k-column bases instead "
+               "of the top-k (same k, sides, init; basis seed = run seed): the control for the principal geometry",
+               family="offprincipal", peft_config=_offprincipal_config(basis="random"), callback=_adapter_diagnostics,
+               **adapter),
         Method("offprincipal-full", "full-parameter training with OffPrincipalAdamW (the OffPrincipalCallback)",
                callback=_offprincipal_callback, aliases=("full-offprincipal",), **full),
         Method("lora", "PEFT LoRA with the same rank and target modules (baseline)", family="lora",
@@ -98,6 +122,9 @@ def _method_list() -> list[Method]:
                family="lora", peft_config=_lora_config(init_lora_weights="pissa"), merges_base=True, **adapter),
         Method("mica", "PEFT LoRA with init_lora_weights='mica' (B on minor left singular vectors; baseline)",
                family="lora", peft_config=_lora_config(init_lora_weights="mica"), **adapter),
+        Method("geora", "GeoRA (arXiv 2601.09361): LoRA initialised from the top-r SVD of the weight masked to its "
+               "non-principal ∪ low-magnitude entries, the residual frozen as the base (experiment/geora.py)",
+               family="lora", peft_config=_lora_config(), callback=_geora_callback, merges_base=True, **adapter),
         Method("osf", "PEFT OSF: the top-k singular directions frozen, the rest trained at full rank (baseline)",
                family="full", adapter=True, default_lr=FULL_LR, peft_config=_osf_config),
         Method("full", "plain full-parameter training with AdamW (baseline)", **full),

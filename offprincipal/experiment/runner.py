@@ -113,7 +113,7 @@ def sft_dataset(task):
 def _peft_config(spec: TrainSpec):
     """The adapter config of the run's method (None for the full-parameter methods)."""
     method = get_method(spec.method)
-    return method.peft_config(spec.rank, spec.top_k) if method.peft_config is not None else None
+    return method.peft_config(spec.rank, spec.top_k, spec.seed) if method.peft_config is not None else None
 
 
 def make_trainer(spec: TrainSpec, model, tokenizer, task, scratch: Path, callbacks: list):
