@@ -1,6 +1,6 @@
 """Writing files and folders without ever leaving them half-written, and without touching what is not ours.
 
-- :func:`write_text_atomic` / :func:`write_json`: write to a temporary file in the same folder, then
+- :func:`write_bytes_atomic` / :func:`write_text_atomic` / :func:`write_json`: write to a temporary file in the same folder, then
   ``os.replace`` it into place (readers see the old file or the new one, never a part); :func:`to_json` is the
   strict JSON of every record the project writes (NaN/inf → null).
 - :func:`atomic_dir`: build a folder under a hidden temporary name next to the target and rename it into place
@@ -73,14 +73,19 @@ def cache_unwritable(what: str, location: PathLike, exc: BaseException, hint: st
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``): readers
+    """Write ``text`` (UTF-8) to ``path`` atomically: :func:`write_bytes_atomic`."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``): readers
     see the old file or the new one, never a part. Creates the parent folder; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from offprincipal import principal_leak, top_k_subspace
 from offprincipal.cli import main
 from offprincipal.metrics import linear_weights
+from offprincipal.experiment.records import read_completions
 from offprincipal.experiment.tasks import TASKS, ArithmeticTask
 from conftest import make_tiny_model, make_tokenizer
 
@@ -109,6 +110,17 @@ def assert_complete_run(folder: Path, weights: str, steps: int = 2, reward: bool
     assert all(0.0 <= accuracy[when] <= 1.0 for when in ("before", "after"))
     assert accuracy["after_ci95_low"] <= accuracy["after"] <= accuracy["after_ci95_high"] and accuracy["after_n"] == eval_n
     assert accuracy["gain"] == pytest.approx(accuracy["after"] - accuracy["before"])
+    for when in ("before", "after"):  # per-prompt outcomes (0/1, prompt order) and the strict score beside them
+        lenient, strict = accuracy[f"{when}_correct"], accuracy[f"{when}_strict_correct"]
+        assert len(lenient) == len(strict) == eval_n and set(lenient) | set(strict) <= {0, 1}
+        assert sum(lenient) / eval_n == pytest.approx(accuracy[when]) and sum(strict) / eval_n == pytest.approx(accuracy[f"strict_{when}"])
+        assert all(s <= c for s, c in zip(strict, lenient))  # strict never counts what the lenient score does not
+    completions = read_completions(folder / accuracy["completions_file"])
+    assert [row["correct"] for row in completions] == accuracy["after_correct"]
+    assert [row["strict"] for row in completions] == accuracy["after_strict_correct"] and all(
+        isinstance(row["completion"], str) and row["question"] for row in completions)
+    assert accuracy["after_lenient_strict_disagree"] == pytest.approx(
+        sum(a != b for a, b in zip(accuracy["after_correct"], accuracy["after_strict_correct"])) / eval_n)
     assert len((folder / "layers.jsonl").read_text().splitlines()) == layers == summary["parameter_metrics"]["layers"]
     report = (folder / "report.md").read_text()
     retention = summary["retention"]
@@ -159,6 +171,14 @@ def test_train_offprincipal_adapter(run, tiny_dir):
     assert summary["parameter_metrics"]["mean_leak_left"] <= 1e-5
 
 
+def test_train_offprincipal_random(run):
+    folder = run("offprincipal-random")
+    records, summary = assert_complete_run(folder, "adapter")
+    assert all(r["offprincipal/leak_max"] <= 1e-5 for r in records)  # off its own (random) subspace
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert config["basis"] == "random" and config["basis_seed"] == summary["run"]["seed"]
+
+
 def test_train_offprincipal_full(run):
     folder = run("offprincipal-full")
     records, _ = assert_complete_run(folder, "model")
@@ -174,13 +194,14 @@ def test_train_offprincipal_full(run):
 
 @pytest.mark.parametrize("method,weights", [
     ("lora", "adapter"), ("dora", "adapter"), ("pissa", "model"), ("mica", "adapter"), ("osf", "adapter"),
-    ("full", "model"), ("sparse-safe", "model"),
+    ("full", "model"), ("sparse-safe", "model"), ("offprincipal-random", "adapter"), ("geora", "model"),
 ])
 def test_train_baselines(run, method, weights):
     folder = run(method)
     _, summary = assert_complete_run(folder, weights)
     assert all(r["update_sparsity"] < 1 for r in layer_records(folder))
     if method != "osf":  # OSF keeps the top-k singular directions frozen: its update is off-principal too
+        # (offprincipal-random keeps off its random subspace, not the top-k: it leaks into the top-k like LoRA)
         assert max(max(r["leak_left"], r["leak_right"]) for r in layer_records(folder)) > 1e-3
     assert 0 < summary["run"]["trainable_params"] and summary["run"]["peak_memory_mb"] > 0
 

@@ -161,6 +161,40 @@ def test_evaluate_accuracy_batches_left_padded(tokenizer):
     assert tokenizer.padding_side == "right" and model.training  # restored
 
 
+@pytest.mark.parametrize("text, answer, lenient, strict", [
+    ("122", "122", True, True),
+    ("122.", "122", True, True),
+    (" 100 + 22 = 122. ", "122", True, True),  # the form the model uses
+    ("5 - 7 = -2", "-2", True, True),
+    ("12 × 3 = 36!", "36", True, True),
+    ("122 122 122", "122", True, False),  # a repeated number
+    ("121 122", "122", True, False),  # a list
+    ("Compute 38 - 19. Give only the final answer.", "19", True, False),  # an echo of the prompt
+    ("Compute 45 * 0. Give only the final answer.", "0", True, False),
+    ("The answer is 122.", "122", True, False),
+    ("100 + 22 = 122 because", "122", True, False),  # words after the result
+    ("123", "122", False, False),
+    ("Paris.", "Paris", True, True),
+    ("The capital of France is Paris.", "Paris", True, False),
+])
+def test_strict_scorer_counts_one_statement_of_the_result(text, answer, lenient, strict):
+    assert T.answer_matches(text, answer) is lenient
+    assert T.strict_answer_matches(text, answer) is strict
+
+
+def test_held_out_outcomes_score_each_completion_both_ways(tokenizer):
+    from tokenizers import decoders
+
+    tokenizer.backend_tokenizer.decoder = decoders.Fuse()
+    task = T.get_task("arithmetic", n_train=0, n_test=5)
+    result = T.held_out_outcomes(OracleModel(tokenizer), tokenizer, task, n=5, batch_size=2)
+    assert result.correct == result.strict == (True,) * 5  # the oracle answers "c." alone
+    rows = result.rows()
+    assert [r["answer"] for r in rows] == [a for _, a in task.examples("test")]
+    assert rows[0]["question"] == task.examples("test")[0][0] and rows[0]["completion"].endswith(".")
+    assert T.held_out_correct(OracleModel(tokenizer), tokenizer, task, n=5) == [True] * 5
+
+
 def test_evaluate_accuracy_tiny_model_runs(tokenizer):
     task = T.get_task("arithmetic", n_train=0, n_test=4)
     model = make_tiny_model()

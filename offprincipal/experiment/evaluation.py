@@ -27,16 +27,23 @@ def autocast(spec: EvalSpec):
     return torch.autocast(spec.device, dtype=torch.bfloat16) if spec.bf16 else nullcontext()
 
 
-def held_out_correct(model, tokenizer, task, spec: EvalSpec, n: Optional[int] = None) -> Optional[list[bool]]:
-    """Per-prompt greedy correctness on the first ``n`` (default ``spec.eval_n``) held-out prompts, with the training
-    completion budget (None when that is 0)."""
-    from .tasks import held_out_correct as correct_per_prompt
+def held_out_outcomes(model, tokenizer, task, spec: EvalSpec, n: Optional[int] = None):
+    """The greedy completions of the first ``n`` (default ``spec.eval_n``) held-out prompts, with the training
+    completion budget, and their lenient and strict scores (:class:`~offprincipal.experiment.tasks.HeldOut`; None when
+    n is 0)."""
+    from .tasks import held_out_outcomes as outcomes
 
     n = spec.eval_n if n is None else n
     if not n:
         return None
     with autocast(spec):
-        return correct_per_prompt(model, tokenizer, task, n=n, max_new_tokens=spec.max_completion_length)
+        return outcomes(model, tokenizer, task, n=n, max_new_tokens=spec.max_completion_length)
+
+
+def held_out_correct(model, tokenizer, task, spec: EvalSpec, n: Optional[int] = None) -> Optional[list[bool]]:
+    """Per-prompt greedy (lenient) correctness of :func:`held_out_outcomes` (None when n is 0)."""
+    result = held_out_outcomes(model, tokenizer, task, spec, n)
+    return None if result is None else list(result.correct)
 
 
 def held_out_accuracy(model, tokenizer, task, spec: EvalSpec) -> Optional[float]:
@@ -55,6 +62,22 @@ def accuracy_record(before: Optional[list[bool]], after: Optional[list[bool]]) -
         record.update(wilson_interval(sum(after), len(after)).as_record("after"))
     if before is not None and after is not None:
         record.update(paired_gain(before, after).as_record("gain"))
+    return record
+
+
+def outcome_record(before, after) -> dict:
+    """:func:`accuracy_record` of two :class:`~offprincipal.experiment.tasks.HeldOut` evaluations of the same prompts
+    (either may be None), plus the per-prompt outcomes as 0/1 lists in prompt order (``before_correct``,
+    ``after_correct``, and the strict ones ``before_strict_correct``, ``after_strict_correct``), the strict accuracies
+    (``strict_before``, ``strict_after``) and the fraction of prompts where the lenient and strict scores of the final
+    evaluation disagree (``after_lenient_strict_disagree``)."""
+    record = accuracy_record(None if before is None else list(before.correct), None if after is None else list(after.correct))
+    for when, result in (("before", before), ("after", after)):
+        record[f"strict_{when}"] = None if result is None else sum(result.strict) / len(result.strict)
+        record[f"{when}_correct"] = None if result is None else [int(x) for x in result.correct]
+        record[f"{when}_strict_correct"] = None if result is None else [int(x) for x in result.strict]
+    record["after_lenient_strict_disagree"] = None if after is None else (
+        sum(a != b for a, b in zip(after.correct, after.strict)) / len(after.correct))
     return record
 
 

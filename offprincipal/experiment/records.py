@@ -6,16 +6,25 @@ labels belong to the report. :class:`RunFacts` is the ``run`` part (settings, ti
 earlier versions, whose ``run`` part used display labels as keys (``"train seconds"``, ``"bf16": "False"``).
 
     {"format": 2, "run": RunFacts, "accuracy": {...}, "retention": {...} | null, "parameter_metrics": {...}}
+
+``accuracy`` (:func:`~offprincipal.experiment.evaluation.outcome_record`): ``before``/``after`` (lenient: the last
+number of the completion), their intervals and the paired gain; since issue 18 also the per-prompt outcomes as 0/1
+lists of length ``eval_n`` in prompt order (``before_correct``, ``after_correct``, ``before_strict_correct``,
+``after_strict_correct``; null when not evaluated), the strict accuracies ``strict_before``/``strict_after``, the
+fraction of prompts where lenient and strict disagree, and ``completions_file``: the final evaluation's completions
+(:data:`COMPLETIONS_FILE`, :func:`write_completions`) beside ``summary.json``. Older records lack these keys;
+readers take them with ``.get``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from ..files import write_json
+from ..files import to_json, write_bytes_atomic, write_json
 from .methods import canonical_name
 
 SUMMARY_FORMAT = 2
@@ -65,6 +74,21 @@ def write_summary(folder: Union[str, Path], facts: RunFacts, accuracy: Mapping, 
         "format": SUMMARY_FORMAT, "run": asdict(facts), "accuracy": dict(accuracy),
         "retention": None if retention is None else dict(retention), "parameter_metrics": dict(parameter_metrics),
     })
+
+
+COMPLETIONS_FILE = "completions.jsonl.gz"
+
+
+def write_completions(path: Union[str, Path], held_out) -> Path:
+    """One JSON line per prompt of a :class:`~offprincipal.experiment.tasks.HeldOut` (question, answer, completion,
+    correct, strict), gzip-compressed (mtime 0: the same evaluation gives the same bytes), written atomically."""
+    text = "".join(to_json(row) + "\n" for row in held_out.rows())
+    return write_bytes_atomic(path, gzip.compress(text.encode("utf-8"), mtime=0))
+
+
+def read_completions(path: Union[str, Path]) -> list[dict]:
+    """The rows :func:`write_completions` wrote."""
+    return [json.loads(line) for line in gzip.decompress(Path(path).read_bytes()).decode("utf-8").splitlines()]
 
 
 def read_summary(path: Union[str, Path]) -> dict:

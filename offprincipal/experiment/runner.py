@@ -26,10 +26,10 @@ from .checkpoints import (
 )
 from .errors import UsageError
 from .evaluation import (
-    Retention, accuracy_record, held_out_accuracy, held_out_correct, interval_text, pct, resolve_task,
+    Retention, accuracy_record, held_out_accuracy, held_out_outcomes, interval_text, outcome_record, pct, resolve_task,
 )
 from .methods import get_method
-from .records import RunFacts, write_summary
+from .records import COMPLETIONS_FILE, RunFacts, write_completions, write_summary
 from .spec import EvalSpec, TrainSpec
 
 
@@ -213,8 +213,8 @@ def train_into(spec: TrainSpec, folder: Path, start: float) -> Path:
     before = None
     if spec.eval_before:
         print(f"held-out accuracy before training (greedy, n={spec.eval_n}) ...", file=sys.stderr)
-        before = held_out_correct(model, tokenizer, task, spec)
-        print(f"held-out accuracy before: {pct(accuracy_record(before, None)['before'])}", file=sys.stderr)
+        before = held_out_outcomes(model, tokenizer, task, spec)
+        print(f"held-out accuracy before: {pct(outcome_record(before, None)['before'])}", file=sys.stderr)
     retention = Retention(spec, tokenizer) if spec.retention else None
     if retention is not None:
         retention.measure_base(model)
@@ -234,8 +234,13 @@ def train_into(spec: TrainSpec, folder: Path, start: float) -> Path:
     else:
         trainer.save_model(str(folder / ("adapter" if is_adapter else "model")))
         tuned = trainer.model.merge_and_unload() if is_adapter else trainer.model
-    accuracy = accuracy_record(before, held_out_correct(tuned, tokenizer, task, spec))
-    print(f"held-out accuracy after: {pct(accuracy['after'])}", file=sys.stderr)
+    final = held_out_outcomes(tuned, tokenizer, task, spec)
+    accuracy = outcome_record(before, final)
+    if final is not None:  # the completions of the final evaluation, beside summary.json
+        write_completions(folder / COMPLETIONS_FILE, final)
+        accuracy["completions_file"] = COMPLETIONS_FILE
+    print(f"held-out accuracy after: {pct(accuracy['after'])}"
+          + ("" if final is None else f" (strict {pct(accuracy['strict_after'])})"), file=sys.stderr)
     retained = retention.measure_tuned(tuned) if retention is not None else None
     records, summary = compare_weights(base, {n: w.cpu() for n, w in linear_weights(tuned).items()}, k=spec.metrics_k)
     progress = callbacks[-1].records
@@ -279,7 +284,8 @@ def evaluate(args) -> None:
                         else load_tuned(args.base, tuned_checkpoint(args.model), option="--base"))
     model.to(device)
     start = time.perf_counter()
-    correct = held_out_correct(model, tokenizer, resolve_task(args.task), spec)
+    outcomes = held_out_outcomes(model, tokenizer, resolve_task(args.task), spec)
+    correct = list(outcomes.correct)
     accuracy = accuracy_record(None, correct)
     seconds = time.perf_counter() - start
     print(f"held-out accuracy (greedy, first {args.eval_n} {args.task} test prompts): "
@@ -287,6 +293,8 @@ def evaluate(args) -> None:
     if args.json:
         print(to_json({"accuracy": accuracy["after"], "accuracy_ci95_low": accuracy["after_ci95_low"],
                        "accuracy_ci95_high": accuracy["after_ci95_high"], "eval_n": len(correct), "task": args.task,
+                       "strict_accuracy": sum(outcomes.strict) / len(correct), "correct": [int(x) for x in correct],
+                       "strict_correct": [int(x) for x in outcomes.strict],
                        "model": describe_model(args.model), "max_completion_length": args.max_completion_length,
                        "bf16": spec.bf16, "precision": spec.precision.name, "precision_reason": spec.precision.reason,
                        "seconds": seconds}))

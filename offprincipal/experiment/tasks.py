@@ -8,7 +8,10 @@ message dicts; TRL passes the dataset's ``answer`` column as a keyword).
 Arithmetic (``get_task("arithmetic")``): ``a op b`` with op cycling through ``+``, ``-``, ``*``; by default
 2-digit + 2-digit, 2-digit − 2-digit (a ≥ b, so answers are ≥ 0) and 2-digit × 1-digit, phrased
 "Compute a op b. Give only the final answer." The answer parser takes the final number of the completion
-(``-``, thousands separators and decimals understood); a completion without one scores 0. An optional format
+(``-``, thousands separators and decimals understood); a completion without one scores 0. That *lenient* score counts
+"122 122 122", "121 122" and an echo of the prompt whose last operand happens to be the result as right; the
+*strict* score (:func:`strict_answer_matches`, reported beside it, never a reward) counts a completion only when it
+states the result once, as ``c`` alone or as ``a op b = c``, with nothing after it but punctuation. An optional format
 reward pays 1 when the completion is just that number.
 
 The default digits are calibrated so that SmolLM2-135M-Instruct, greedy, is right on a minority of the held-out
@@ -109,6 +112,27 @@ def answer_matches(text: str, answer: Any) -> bool:
         return parse_final_number(text) == number
     want, got = normalize_answer(str(answer)), normalize_answer(text)
     return bool(want) and (got == want or (got.endswith(want) and not got[-len(want) - 1].isalnum()))
+
+
+_STRICT_NUMERIC = re.compile(
+    r"\s*(?:" + _NUMBER.pattern + r"\s*[-+*/x×÷\u2212]\s*" + _NUMBER.pattern + r"\s*=\s*)?(?P<c>"
+    + _NUMBER.pattern + r")[\s.,;:!?]*", re.ASCII)
+
+
+def strict_answer_matches(text: str, answer: Any) -> bool:
+    """Whether completion ``text`` states the reference ``answer`` once and nothing else.
+
+    Numeric answers: ``text`` is ``c`` or ``a op b = c`` (op one of ``+ - * / x × ÷ −``; the form the model uses,
+    "7 + 5 = 12."), surrounded by whitespace and followed by nothing but punctuation, and c equals the answer
+    exactly. So "122" and "100 + 22 = 122." score 1; "122 122 122", "121 122", "The answer is 122" and an echo of
+    the prompt ("Compute 38 - 19. …", whose last number is the result 19) score 0. String answers: ``text``
+    normalised (:func:`normalize_answer`) equals the answer normalised ("Paris." yes, "The capital is Paris" no).
+    """
+    number = numeric_answer(answer)
+    if number is None:
+        return bool(normalize_answer(str(answer))) and normalize_answer(text) == normalize_answer(str(answer))
+    match = _STRICT_NUMERIC.fullmatch(text)
+    return match is not None and parse_final_number(match.group("c")) == number
 
 
 def correctness_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs) -> list[float]:
@@ -642,16 +666,47 @@ def generate_completions(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def held_out_correct(
+@dataclass(frozen=True)
+class HeldOut:
+    """One greedy evaluation of the first n rows of a split, in row order: each row's question, reference answer,
+    completion, and its lenient (:func:`answer_matches`, the reward's) and strict (:func:`strict_answer_matches`)
+    correctness."""
+
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+    completions: tuple[str, ...]
+    correct: tuple[bool, ...]
+    strict: tuple[bool, ...]
+
+    def rows(self) -> list[dict]:
+        """One dict per prompt: ``{"question", "answer", "completion", "correct", "strict"}`` (0/1 ints)."""
+        return [{"question": q, "answer": a, "completion": c, "correct": int(ok), "strict": int(st)}
+                for q, a, c, ok, st in zip(self.questions, self.answers, self.completions, self.correct, self.strict)]
+
+
+def held_out_outcomes(
     model, tokenizer, task, n: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 48, split: str = "test"
-) -> list[bool]:
-    """Greedy correctness (:func:`correctness_reward` == 1) of each of the first ``n`` (default all) rows of
-    ``split``, in row order (what paired before/after comparisons need)."""
+) -> HeldOut:
+    """Greedy completions of the first ``n`` (default all) rows of ``split`` and their lenient and strict scores."""
     rows = task.rows(split)[:n]
     if not rows:
         raise ValueError(f"evaluate_accuracy: no rows to evaluate (split={split!r}, n={n})")
     completions = generate_completions(model, tokenizer, [r["prompt"] for r in rows], batch_size, max_new_tokens)
-    return [reward == 1.0 for reward in correctness_reward(completions, [r["answer"] for r in rows])]
+    answers = [r["answer"] for r in rows]
+    return HeldOut(
+        questions=tuple(completion_text(r["prompt"][-1]) for r in rows), answers=tuple(map(str, answers)),
+        completions=tuple(completions),
+        correct=tuple(reward == 1.0 for reward in correctness_reward(completions, answers)),
+        strict=tuple(strict_answer_matches(c, a) for c, a in zip(completions, answers)),
+    )
+
+
+def held_out_correct(
+    model, tokenizer, task, n: Optional[int] = None, batch_size: int = 16, max_new_tokens: int = 48, split: str = "test"
+) -> list[bool]:
+    """Greedy correctness (:func:`correctness_reward` == 1) of each of the first ``n`` (default all) rows of
+    ``split``, in row order (what paired before/after comparisons need): :func:`held_out_outcomes`' ``correct``."""
+    return list(held_out_outcomes(model, tokenizer, task, n, batch_size, max_new_tokens, split).correct)
 
 
 def evaluate_accuracy(
