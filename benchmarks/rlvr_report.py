@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 from offprincipal.experiment.methods import METHODS, canonical_name
+from offprincipal.experiment.stats import mcnemar_p, paired_bootstrap, welch_interval
 from offprincipal.files import write_text_atomic
 from offprincipal.experiment.report import PLOTS, markdown_table as _table, pyplot as _pyplot
 
@@ -254,6 +255,130 @@ def _reading(summary) -> str:
     return "## Reading\n\n" + intro + "\n\n" + ("\n".join(lines) or "No comparable pair of arms.")
 
 
+# --- per-prompt outcomes: paired tests, strict scoring, the geometry question ------------------------------------
+
+REFERENCE_ARMS = ("offprincipal", "lora")  # every arm with per-prompt outcomes is paired against these
+GEOMETRY = ("offprincipal", "offprincipal-random")
+
+
+def _outcomes_by_seed(records, arm: str, field: str = "correct_after") -> dict:
+    """seed → the 0/1 outcomes ``field`` of the main run of ``arm`` at that seed (runs without them left out)."""
+    return {r.get("seed"): r[field] for r in records if r.get("role") == "main" and r["arm"] == arm and r.get(field)}
+
+
+def paired(records, a: str, b: str):
+    """Arm ``a`` minus arm ``b`` on held-out accuracy over the seeds both ran with per-prompt outcomes:
+    (:func:`~offprincipal.experiment.stats.paired_bootstrap` estimate, McNemar p, seeds), or None."""
+    xa, xb = _outcomes_by_seed(records, a), _outcomes_by_seed(records, b)
+    seeds = sorted(s for s in set(xa) & set(xb) if len(xa[s]) == len(xb[s]))
+    if not seeds:
+        return None
+    runs_a, runs_b = [xa[s] for s in seeds], [xb[s] for s in seeds]
+    return paired_bootstrap(runs_a, runs_b), mcnemar_p(runs_a, runs_b), seeds
+
+
+def _pp(est) -> str:
+    return _ci(est, "accuracy_after")
+
+
+def _paired_section(records, summary) -> str:
+    arms = [e["arm"] for e in summary]
+    with_outcomes = [arm for arm in arms if _outcomes_by_seed(records, arm)]
+    rows = []
+    for arm in with_outcomes:
+        base = _outcomes_by_seed(records, arm, "correct_before")
+        if base:
+            seeds = sorted(base)
+            after = _outcomes_by_seed(records, arm)
+            gain = paired_bootstrap([after[s] for s in seeds], [base[s] for s in seeds])
+            rows.append([arm, "base model", ", ".join(map(str, seeds)), _pp(gain),
+                         f"{mcnemar_p([after[s] for s in seeds], [base[s] for s in seeds]):.2g}"])
+        for ref in REFERENCE_ARMS:
+            if ref != arm and ref in with_outcomes and (result := paired(records, arm, ref)):
+                est, p_value, seeds = result
+                rows.append([arm, ref, ", ".join(map(str, seeds)), _pp(est), f"{p_value:.2g}"])
+    without = [arm for arm in arms if arm not in with_outcomes]
+    parts = ["## Paired tests over seeds × prompts",
+             "Held-out accuracy of one arm minus another on the same prompts at the same seeds: the mean over seeds × "
+             "prompts of the per-prompt difference, with a two-stage bootstrap interval (seeds, then prompts, "
+             "resampled; 10,000 draws) and the exact McNemar p over the discordant (seed, prompt) pairs. Every arm "
+             "with per-prompt outcomes is paired with the base model and with " + " and ".join(REFERENCE_ARMS) + "."]
+    parts.append(_table(["arm", "minus", "seeds", "difference (pp, 95% CI)", "McNemar p"], rows) if rows else
+                 "No arm has per-prompt outcomes yet.")
+    if without:
+        parts.append(f"Without per-prompt outcomes (recorded before issue 18), so left out: {', '.join(without)}.")
+    return "\n\n".join(parts)
+
+
+def _strict_section(records, summary) -> str:
+    rows = []
+    for entry in summary:
+        runs = [r for r in records if r.get("role") == "main" and r["arm"] == entry["arm"]
+                and r.get("accuracy_strict_after") is not None]
+        if runs:
+            rows.append([entry["arm"], str(len(runs)),
+                         _pm(_stat(r.get("accuracy_after") for r in runs), "accuracy_after"),
+                         _pm(_stat(r.get("accuracy_strict_after") for r in runs), "accuracy_after"),
+                         _pm(_stat(r.get("lenient_strict_disagree") for r in runs), "accuracy_after")])
+    base = _stat(r.get("accuracy_strict_before") for r in records)
+    parts = ["## Strict and lenient accuracy",
+             "Lenient: the last number of the completion is the result (the training reward's rule). Strict: the "
+             "completion states the result once, as `c` or `a op b = c`, with nothing after it but punctuation "
+             "(echoes, lists and repeated numbers score 0). Disagreement: the share of prompts scored right by one "
+             "rule and wrong by the other. Mean ± SE over seeds."]
+    if not rows:
+        return "\n\n".join(parts + ["No record carries the strict score yet (records before issue 18 keep only the "
+                                     "lenient one)."])
+    if base["mean"] is not None:
+        parts.append(f"Base model, strict: {_value(base['mean'], 'accuracy_after')}%.")
+    header = ["arm", "seeds", "lenient accuracy (%)", "strict accuracy (%)", "lenient ≠ strict (% of prompts)"]
+    return "\n\n".join(parts + [_table(header, rows)])
+
+
+def _geometry_section(records, summary) -> str:
+    """"Is it the geometry?": OffPrincipal against the same adapter with random bases, in plain words."""
+    ours, control = GEOMETRY
+    arms = {e["arm"] for e in summary}
+    head = ["## Is it the geometry?",
+            f"{ours} keeps the update off the top-k principal directions of each weight; {control} is the same "
+            "adapter (same k, sides, init, rate) kept off a seeded random k-dimensional subspace. If blocking the "
+            "principal directions is what helps, the first beats the second."]
+    if control not in arms or ours not in arms:
+        missing = ", ".join(arm for arm in GEOMETRY if arm not in arms)
+        return "\n\n".join(head + [f"**Not yet run**: no records of {missing}. The planned runs are under "
+                                    "\"Controls (issue 18)\" in the notes."])
+    result = paired(records, ours, control)
+    if result is not None:
+        est, p_value, seeds = result
+        how = (f"paired over {len(seeds)} seed(s) × {est.n // len(seeds)} prompts (two-stage bootstrap; "
+               f"McNemar p = {p_value:.2g})")
+    else:
+        est = _welch(records, ours, control, "accuracy_after")
+        if est is None:
+            return "\n\n".join(head + ["Fewer than 2 seeds on a side and no shared per-prompt outcomes: no interval "
+                                        "yet."])
+        how = ("Welch's interval over seeds, unpaired: the runs of one arm lack per-prompt outcomes (recorded before "
+               "issue 18), so no pairing over prompts is possible")
+    line = f"{ours} minus {control}, held-out accuracy: {_pp(est)} pp, {how}."
+    if est.low > 0:
+        verdict = (f"**Yes, on this evidence: keeping updates off the principal directions beats keeping them off a "
+                   f"random subspace of the same size** (the interval excludes 0).")
+    elif est.high < 0:
+        verdict = f"**No: the random subspace does better** (the interval lies below 0)."
+    else:
+        verdict = (f"**Not shown**: {ours} and {control} cannot be told apart (the interval covers 0), so the gain "
+                   "cannot be credited to the principal geometry on this evidence.")
+    parts = head + [line, verdict]
+    against_lora = paired(records, control, "lora")
+    if against_lora is None:
+        welch = _welch(records, control, "lora", "accuracy_after")
+        against_lora = None if welch is None else (welch, None, None)
+    if against_lora is not None:
+        parts.append(f"For scale, {control} minus lora: {_pp(against_lora[0])} pp"
+                     + (" (paired)." if against_lora[1] is not None else " (Welch, unpaired)."))
+    return "\n\n".join(parts)
+
+
 # --- gain against forgetting -----------------------------------------------------------------------------------------
 
 # (arm, other arm): does the first forget less than the second at the same gain?
@@ -284,57 +409,58 @@ def _forgetting_table(summary) -> str:
                    "forgetting: KL to base (nats/token)", "forgetting: Δ retention task (pp)"], rows)
 
 
-def _forgetting_verdict(summary, a: str, b: str) -> str | None:
-    """One plain sentence on arm ``a`` against ``b``: gains compared, then forgetting at (about) equal gain."""
+def _arm_values(records, arm: str, metric: str) -> list[float]:
+    """The finite values of ``metric`` over the main runs of ``arm`` (one per seed)."""
+    return _finite(_metric(r, metric) for r in records if r.get("role") == "main" and r["arm"] == arm)
+
+
+def _welch(records, a: str, b: str, metric: str):
+    """Welch's 95% interval of arm ``a`` minus arm ``b`` on ``metric`` over seeds (None with < 2 values a side)."""
+    xs, ys = _arm_values(records, a, metric), _arm_values(records, b, metric)
+    return welch_interval(xs, ys) if len(xs) > 1 and len(ys) > 1 else None
+
+
+def _ci(est, metric: str) -> str:
+    """``+d (95% CI lo to hi)`` of an Estimate, in the metric's unit."""
+    return (f"{_value(est.value, metric, '+')} (95% CI {_value(est.low, metric, '+')} to "
+            f"{_value(est.high, metric, '+')})")
+
+
+def _covers_zero(est) -> bool:
+    return est.low <= 0 <= est.high
+
+
+def _forgetting_verdict(records, summary, a: str, b: str) -> str | None:
+    """One plain sentence on arm ``a`` against ``b``: the gains and the forgetting figures as differences with Welch's
+    95% intervals over seeds, and what they allow one to say."""
     try:
         gain = compare(summary, a, b, "accuracy_delta")
         drift = compare(summary, a, b, "retention_nll_drift")
     except KeyError:
         return None
-    task = None
-    try:
-        task = compare(summary, a, b, "retention_task_delta")
-    except KeyError:
-        pass
-    text = (f"- **{a} vs {b}** (n={gain['n_a']}/{gain['n_b']}): gain {_value(gain['diff'], 'accuracy_delta', '+')}"
-            f"{'' if gain['se'] is None else ' ± ' + _value(gain['se'], 'accuracy_delta')} pp ({gain['verdict']}); "
-            f"NLL drift {_num(drift['mean_a'])} vs {_num(drift['mean_b'])}, difference {_num(drift['diff'], '+')}"
-            f"{'' if drift['se'] is None else ' ± ' + _num(drift['se'])} ({drift['verdict']})")
-    if task is not None:
-        text += (f"; retention task {_value(task['diff'], 'retention_task_delta', '+')}"
-                 f"{'' if task['se'] is None else ' ± ' + _value(task['se'], 'retention_task_delta')} pp "
-                 f"({task['verdict']})")
-    if "single seed" in gain["verdict"] or "single seed" in drift["verdict"]:
-        return text + ". One seed on a side: no error bars yet, so no verdict on forgetting."
-    if gain["verdict"] == "beyond 1 SE":
-        return text + _unequal_gains(a, b, gain, drift, task)
-    if drift["verdict"] != "beyond 1 SE":
-        return text + (f". At equal gain (within noise), {a} and {b} forget about the same: the drift difference "
-                       "is not resolved at this number of seeds.")
-    less = drift["diff"] < 0
-    return text + (f". At equal gain (within noise), **{a} forgets {'less' if less else 'more'} than {b}** "
-                   "(NLL drift beyond 1 SE).")
-
-
-def _worse_beyond_noise(c: dict | None, sign: int) -> bool:
-    """Whether ``c`` (a − b) is beyond 1 SE in the direction ``sign`` (+1: a larger)."""
-    return c is not None and c["verdict"] == "beyond 1 SE" and sign * c["diff"] > 0
-
-
-def _unequal_gains(a: str, b: str, gain: dict, drift: dict, task: dict | None) -> str:
-    """The reading when the gains differ: no equal-gain comparison, but the arm that gains more either forgets no
-    more than the other (better on both axes) or forgets more too (a trade-off)."""
-    more, less = (a, b) if gain["diff"] > 0 else (b, a)
-    sign = 1 if more == a else -1  # drift and task differences are a − b
-    drifts_more = _worse_beyond_noise(drift, sign)
-    loses_task = _worse_beyond_noise(task, -sign)
-    if not drifts_more and not loses_task:
-        return (f". The gains differ, so there is no equal-gain comparison; but **{more} gains more and forgets no "
-                f"more than {less}** (neither its NLL drift nor its retention-task change is worse beyond 1 SE).")
-    worse = " and ".join(w for w, bad in (("drifts more", drifts_more), ("loses more on the retention task",
-                                                                           loses_task)) if bad)
-    return (f". The gains differ: {more} gains more but also {worse} (beyond 1 SE), a trade-off; no verdict at "
-            "equal gain.")
+    gain_ci, drift_ci = _welch(records, a, b, "accuracy_delta"), _welch(records, a, b, "retention_nll_drift")
+    task_ci = _welch(records, a, b, "retention_task_delta")
+    if gain_ci is None or drift_ci is None:
+        return (f"- **{a} vs {b}** (n={gain['n_a']}/{gain['n_b']}): gain {_value(gain['diff'], 'accuracy_delta', '+')} "
+                f"pp, NLL drift difference {_num(drift['diff'], '+')}. Fewer than 2 seeds on a side: no interval, so no "
+                "verdict on forgetting.")
+    text = (f"- **{a} vs {b}** (n={gain['n_a']}/{gain['n_b']}): gain {_ci(gain_ci, 'accuracy_delta')} pp; NLL drift "
+            f"{_num(drift['mean_a'])} vs {_num(drift['mean_b'])}, difference {_num(drift_ci.value, '+')} (95% CI "
+            f"{_num(drift_ci.low, '+')} to {_num(drift_ci.high, '+')})")
+    if task_ci is not None:
+        text += f"; retention task {_ci(task_ci, 'retention_task_delta')} pp"
+    gains = (f"{a if gain_ci.value > 0 else b} gains more" if not _covers_zero(gain_ci)
+             else "the gains are not distinguishable")
+    forgetting = [ci for ci in (drift_ci, task_ci) if ci is not None]
+    if all(_covers_zero(ci) for ci in forgetting):
+        return text + (f". Verdict: {gains}; **no detectable difference in forgetting** (every forgetting "
+                       "interval covers 0: these seeds cannot tell which forgets more).")
+    worse = []
+    if not _covers_zero(drift_ci):
+        worse.append(f"{a if drift_ci.value > 0 else b} drifts more")
+    if task_ci is not None and not _covers_zero(task_ci):
+        worse.append(f"{b if task_ci.value > 0 else a} loses more on the retention task")
+    return text + f". Verdict: {gains}; **{' and '.join(worse)}** (interval excludes 0)."
 
 
 def _forgetting_section(records, summary, plots: Path) -> str | None:
@@ -348,11 +474,12 @@ def _forgetting_section(records, summary, plots: Path) -> str | None:
              "base behaviour kept exactly; it goes below 0 when training sharpens the model towards its own greedy "
              "answers, as RL's falling entropy does), the KL divergence from the base to the tuned model on those "
              "answer positions where recorded (≥ 0, 0 only when unchanged), and the change of accuracy on a second "
-             "task the runs do not train on. Mean ± SE over seeds.", _forgetting_table(summary)]
+             "task the runs do not train on. Mean ± SE over seeds in the table; the reading gives each difference "
+             "with Welch's 95% interval over seeds.", _forgetting_table(summary)]
     scatter = _plot_gain_forgetting(records, plots / "gain_vs_forgetting.png")
     if scatter is not None:
         parts.append(f"![gain against forgetting]({PLOTS}/{scatter.name})")
-    lines = [line for a, b in FORGETTING_PAIRS if (line := _forgetting_verdict(summary, a, b))]
+    lines = [line for a, b in FORGETTING_PAIRS if (line := _forgetting_verdict(records, summary, a, b))]
     parts += ["### Reading", "\n".join(lines) or "No pair of arms with retention figures yet."]
     return "\n\n".join(parts)
 
@@ -605,7 +732,8 @@ def write_report(folder) -> Path:
     if not records:
         raise ValueError(f"no records in {folder / 'records'}")
     summary = summarize_arms(records)
-    parts = [_header(folder, records), "## Results", _main_table(summary),
+    parts = [_header(folder, records), "## Results", _main_table(summary), _geometry_section(records, summary),
+             _paired_section(records, summary), _strict_section(records, summary),
              _forgetting_section(records, summary, folder / PLOTS), _stability_section(records, folder / PLOTS),
              _sweep_table(records), "## Plots",
              *_write_plots(records, summary, folder / PLOTS), _reading(summary)]

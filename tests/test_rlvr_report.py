@@ -174,12 +174,12 @@ def test_gain_against_forgetting_section(tmp_path):
     report = rlvr_report.write_report(folder).read_text()
     assert "## Gain against forgetting" in report and "plots/gain_vs_forgetting.png" in report
     assert (folder / "plots" / "gain_vs_forgetting.png").read_bytes()[:8] == PNG_MAGIC
-    assert "**offprincipal forgets less than lora**" in report
+    assert "Verdict: the gains are not distinguishable; **lora drifts more** (interval excludes 0)" in report
     table = report.split("## Gain against forgetting")[1]
     assert "forgetting: KL to base (nats/token)" in table
     assert "| 0.022 ± 0.00115 |" in table and "| n/a |" in table  # offprincipal's KL; full's runs predate it
     versus_full = report.split("offprincipal vs full")[1].split("\n")[0]
-    assert "The gains differ: full gains more but also drifts more (beyond 1 SE), a trade-off" in versus_full
+    assert "gain -6.0 (95% CI" in versus_full and "Verdict: full gains more; **full drifts more**" in versus_full
 
 
 def test_forgetting_reading_when_one_arm_gains_more_and_forgets_no_more(tmp_path):
@@ -194,9 +194,11 @@ def test_forgetting_reading_when_one_arm_gains_more_and_forgets_no_more(tmp_path
         return records
 
     report = rlvr_report.write_report(write_suite(tmp_path / "a", arms([0.01, -0.01, 0.0]))).read_text()
-    assert "**offprincipal gains more and forgets no more than lora**" in report
+    assert ("Verdict: offprincipal gains more; **no detectable difference in forgetting** (every forgetting interval "
+            "covers 0") in report
+    assert "retention task +0.0 (95% CI -2.5 to +2.5) pp" in report  # Welch: t(0.975, 2) · 0.01/√3 · ... = ±2.5 pp
     report = rlvr_report.write_report(write_suite(tmp_path / "b", arms([0.10, 0.12, 0.11]))).read_text()
-    assert "offprincipal gains more but also loses more on the retention task (beyond 1 SE), a trade-off" in report
+    assert "Verdict: offprincipal gains more; **offprincipal loses more on the retention task**" in report
 
 
 def test_no_forgetting_section_without_retention(tmp_path):
@@ -279,3 +281,71 @@ def test_retention_fields_carry_the_kl_to_base():
     assert fields["retention_nll_drift"] == -0.02 and fields["retention_task_delta"] == pytest.approx(-0.05)
     older = {k: v for k, v in retention.items() if not k.startswith("kl_")}
     assert rlvr._retention_fields(older, {})["retention_kl"] is None
+
+
+def outcome_records(arm, accuracies_per_seed, prompts=200, seed0=0, base=None, strict_drop=0.0, **fields):
+    """Records whose per-prompt outcomes have, per seed, exactly the given accuracy on shared easy-first prompts."""
+    import numpy as np
+
+    rng = np.random.default_rng(abs(hash(arm)) % 2**32)
+    records = []
+    for s, acc in enumerate(accuracies_per_seed, start=seed0):
+        correct = [0] * prompts
+        for i in rng.permutation(prompts)[: round(acc * prompts)]:
+            correct[int(i)] = 1
+        strict = [c if rng.random() >= strict_drop else 0 for c in correct]
+        records.append(make_record(arm, s, acc, correct_after=correct, strict_correct_after=strict,
+                                   correct_before=base, accuracy_strict_after=sum(strict) / prompts,
+                                   lenient_strict_disagree=sum(a != b for a, b in zip(correct, strict)) / prompts,
+                                   **fields))
+    return records
+
+
+def test_geometry_section_not_yet_run(tmp_path):
+    report = rlvr_report.write_report(write_suite(tmp_path / "s", make_records())).read_text()
+    geometry = report.split("## Is it the geometry?")[1].split("\n## ")[0]
+    assert "**Not yet run**: no records of offprincipal-random." in geometry
+    assert "No arm has per-prompt outcomes yet." in report
+    assert "No record carries the strict score yet" in report
+
+
+def test_geometry_section_recovers_a_known_effect_and_says_so(tmp_path):
+    records = outcome_records("offprincipal", [0.40, 0.42, 0.41]) + outcome_records("offprincipal-random", [0.30, 0.31, 0.29])
+    records += outcome_records("lora", [0.31, 0.30, 0.32], strict_drop=0.5)
+    report = rlvr_report.write_report(write_suite(tmp_path / "s", records)).read_text()
+    geometry = report.split("## Is it the geometry?")[1].split("\n## ")[0]
+    line = geometry.split("offprincipal minus offprincipal-random, held-out accuracy: ")[1]
+    assert line.startswith("+11.0 (95% CI +") and "paired over 3 seed(s) × 200 prompts" in line
+    assert "**Yes, on this evidence" in geometry and "For scale, offprincipal-random minus lora: -1.0" in geometry
+    paired = report.split("## Paired tests over seeds × prompts")[1].split("\n## ")[0]
+    assert "| offprincipal-random | offprincipal | 0, 1, 2 | -11.0 (95% CI" in paired
+    strict = report.split("## Strict and lenient accuracy")[1].split("\n## ")[0]
+    lora_row = next(line for line in strict.splitlines() if line.startswith("| lora |"))
+    cells = [c.strip() for c in lora_row.strip("|").split("|")]
+    assert cells[2] == "31.0 ± 0.6" and float(cells[3].split()[0]) < 20 and float(cells[4].split()[0]) > 10
+
+
+def test_geometry_section_without_effect_says_not_shown(tmp_path):
+    records = outcome_records("offprincipal", [0.40, 0.41]) + outcome_records("offprincipal-random", [0.41, 0.40])
+    report = rlvr_report.write_report(write_suite(tmp_path / "s", records)).read_text()
+    geometry = report.split("## Is it the geometry?")[1].split("\n## ")[0]
+    assert "**Not shown**: offprincipal and offprincipal-random cannot be told apart" in geometry
+
+
+def test_geometry_falls_back_to_welch_when_one_arm_lacks_outcomes(tmp_path):
+    records = [make_record("offprincipal", s, a) for s, a in enumerate([0.365, 0.37, 0.36])]  # pre-issue-18 records
+    records += outcome_records("offprincipal-random", [0.30, 0.31, 0.29])
+    report = rlvr_report.write_report(write_suite(tmp_path / "s", records)).read_text()
+    geometry = report.split("## Is it the geometry?")[1].split("\n## ")[0]
+    assert "Welch's interval over seeds, unpaired" in geometry and "**Yes, on this evidence" in geometry
+    assert "left out: offprincipal" in report
+
+
+def test_paired_gain_over_the_base_model(tmp_path):
+    base = [1] * 40 + [0] * 160  # 20% on the same prompts
+    records = outcome_records("lora", [0.20, 0.20], base=base)
+    report = rlvr_report.write_report(write_suite(tmp_path / "s", records)).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| lora | base model |"))
+    assert "| +0.0 (95% CI" in row  # same accuracy as the base: no gain, and the interval covers 0
+    low = float(row.split("95% CI ")[1].split(" to ")[0])
+    assert low < 0
