@@ -75,11 +75,55 @@ class Suite:
     stability: dict = field(default_factory=dict)
     stability_seeds: int = 2
     retention: bool = False  # forgetting measured in every run (the committed 16-step suite predates it)
+    # extra arms named one by one (--arm METHOD[:lr=LR][:k=K][:seeds=N]), run after the main arms in the order given,
+    # each arm's seeds together; e.g. the controls of issue 18
+    extra: tuple = ()
 
     def settings(self) -> dict:
         keys = ("model", "task", "steps", "num_generations", "prompts_per_step", "max_completion_length",
                 "temperature", "eval_n", "rank", "top_k", "metrics_k", "bf16", "device", "retention")
         return {key: getattr(self, key) for key in keys}
+
+
+@dataclass(frozen=True)
+class ExtraArm:
+    """An arm named on the command line: a method of the registry at a rate (default: the method's default rate)
+    and top-k (default: the suite's), with seeds 0 … seeds-1 (default: the suite's ``seeds``)."""
+
+    method: str
+    lr: Optional[float] = None
+    top_k: Optional[int] = None
+    seeds: Optional[int] = None
+
+    def name(self, suite: "Suite") -> str:
+        """``method``, then `` lr=…`` when a rate is given and `` k=…`` when k differs from the suite's (the names
+        the report's arm rules know: "lora lr=0.0001", "offprincipal k=8")."""
+        return (self.method + ("" if self.lr is None else f" lr={self.lr:g}")
+                + ("" if self.top_k in (None, suite.top_k) else f" k={self.top_k}"))
+
+    def specs(self, suite: "Suite", order: int) -> list["RunSpec"]:
+        lr = self.lr if self.lr is not None else get_method(self.method).default_lr
+        seeds = self.seeds if self.seeds is not None else suite.seeds
+        return [RunSpec(self.method, seed, lr, self.top_k or suite.top_k, self.name(suite), extra=order)
+                for seed in range(seeds)]
+
+    @classmethod
+    def parse(cls, text: str) -> "ExtraArm":
+        """``METHOD[:lr=LR][:k=K][:seeds=N]`` → an ExtraArm; SystemExit naming the flag and the form otherwise."""
+        method, *options = text.split(":")
+        method = canonical_name(method)
+        if method not in METHODS:
+            raise SystemExit(f"rlvr: --arm {text!r}: {method!r} is not a method; choose from {', '.join(METHODS)}")
+        values = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            kind = {"lr": float, "k": int, "seeds": int}.get(key)
+            try:
+                values[{"k": "top_k"}.get(key, key)] = kind(value)
+            except (TypeError, ValueError):
+                raise SystemExit(f"rlvr: --arm {text!r}: expected METHOD[:lr=LR][:k=K][:seeds=N], e.g. "
+                                 "lora:lr=1e-4:seeds=2 or offprincipal:k=8:seeds=2") from None
+        return cls(method, **values)
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,7 @@ class RunSpec:
     sweep: bool = False  # part of the learning-rate sweep (seed 0 of a swept method)
     fixed_lr: bool = False  # an arm of Suite.fixed_lr (its own run ids: seed 0 may repeat a sweep run, on purpose)
     stability: bool = False  # a run of the stability sweep (Suite.stability) that the comparison does not have
+    extra: int = -1  # position of its arm in Suite.extra (-1: not an extra arm)
 
     @property
     def run_id(self) -> str:
@@ -176,6 +221,8 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
     for method, lr in suite.fixed_lr:
         specs += [RunSpec(method, seed, lr, suite.top_k, f"{method} lr={lr:g}", fixed_lr=True)
                   for seed in range(suite.seeds)]
+    for order, arm in enumerate(suite.extra):
+        specs += arm.specs(suite, order)
     planned = {(s.method, s.seed, s.lr, s.top_k) for s in specs}
     for seed in range(suite.stability_seeds):
         for method, lrs in suite.stability.items():
@@ -186,9 +233,9 @@ def plan(suite: Suite, chosen: dict[str, dict]) -> list[RunSpec]:
         unique.setdefault(spec.run_id, spec)
     # seed-major: a suite cut short (or extended with more seeds) has every arm at about the same number of seeds;
     # within a seed, the order of Suite.methods (then the fixed-rate arms, then the rest); Suite.first arms go first,
-    # the stability sweep last
-    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.stability, spec.arm not in suite.first,
-                                                     spec.seed))
+    # then the extra arms (Suite.extra) in the order given, each arm's seeds together; the stability sweep last
+    return sorted(unique.values(), key=lambda spec: (not spec.sweep, spec.stability, spec.extra,
+                                                     spec.arm not in suite.first, spec.seed))
 
 
 def role(spec: RunSpec, chosen: dict[str, dict]) -> str:
@@ -249,6 +296,15 @@ def base_accuracy(suite: Suite, paths: Paths, threads: int) -> dict:
     if "accuracy" not in result:
         result = _evaluate_base(suite, suite.task, suite.eval_n, threads)
         _write_json(paths.base, result)
+    if "correct" not in result:  # measured before the per-prompt outcomes were kept (issue 18): add them
+        again = _evaluate_base(suite, suite.task, suite.eval_n, threads)
+        if again["accuracy"] != result["accuracy"]:
+            print(f"base model: the re-evaluation gives {100 * again['accuracy']:.1f}% against the recorded "
+                  f"{100 * result['accuracy']:.1f}% (precision {again.get('precision')}); the per-prompt outcomes "
+                  "are the new evaluation's, 'accuracy' stays what the earlier records used", flush=True)
+        result.update({key: again[key] for key in ("correct", "strict_correct", "strict_accuracy")},
+                      per_prompt_accuracy=again["accuracy"], per_prompt_precision=again.get("precision"))
+        _write_json(paths.base, result)
     if suite.retention and "retention_task" not in result:
         from offprincipal.experiment.retention import RETENTION_TASK
 
@@ -281,6 +337,7 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
     layers = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in logs if "reward" in r] or None
     leaks = [metrics["mean_leak_left"], metrics["mean_leak_right"]]
+    accuracy = summary["accuracy"]
     return {
         "suite": suite.name, "run_id": spec.run_id, "method": spec.method, "arm": spec.arm, "role": "main",
         "seed": spec.seed, "steps": suite.steps, "lr": spec.lr, "rank": suite.rank if get_method(spec.method).has_rank else None,
@@ -288,6 +345,7 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
         "accuracy_before": base["accuracy"], "accuracy_after": summary["accuracy"]["after"], "eval_n": suite.eval_n,
         "accuracy_after_ci95_low": summary["accuracy"].get("after_ci95_low"),
         "accuracy_after_ci95_high": summary["accuracy"].get("after_ci95_high"),
+        **_outcome_fields(spec, accuracy, base),
         **_retention_fields(summary.get("retention"), base),
         "precision": run["precision"], "precision_reason": run["precision_reason"],
         "reward_first": run.get("reward_first_fifth"), "reward_last": run.get("reward_last_fifth"),
@@ -305,6 +363,25 @@ def make_record(suite: Suite, spec: RunSpec, folder: Path, base: dict, workers: 
         "layer_max_angle": [_mean([r["max_angle_left"], r["max_angle_right"]]) for r in layers],
         "device": device, "commit": _commit(), "workers": workers, "settings": suite.settings(),
         "load_average": f"{run.get('load_average_start')} / {run.get('load_average_end')}",
+    }
+
+
+COMPLETIONS_SUFFIX = ".completions.jsonl.gz"
+
+
+def _outcome_fields(spec: RunSpec, accuracy: dict, base: dict) -> dict:
+    """The record's per-prompt outcomes (0/1 lists in prompt order, length eval_n): after training from the run,
+    before training from the base model's evaluation of the suite (``base_accuracy.json``), each lenient and strict;
+    the strict accuracies, the share of prompts the two rules disagree on, and the completions file beside the record.
+    Empty for runs that predate them."""
+    if accuracy.get("after_correct") is None:
+        return {}
+    return {
+        "correct_before": base.get("correct"), "correct_after": accuracy["after_correct"],
+        "strict_correct_before": base.get("strict_correct"), "strict_correct_after": accuracy["after_strict_correct"],
+        "accuracy_strict_before": base.get("strict_accuracy"), "accuracy_strict_after": accuracy["strict_after"],
+        "lenient_strict_disagree": accuracy["after_lenient_strict_disagree"],
+        "completions_file": spec.run_id + COMPLETIONS_SUFFIX if accuracy.get("completions_file") else None,
     }
 
 
@@ -353,6 +430,11 @@ def _finish(suite, paths, spec, folder, base, workers, device, keep_weights) -> 
     record = make_record(suite, spec, folder, base, workers, device)
     chosen = select_lr(suite, {**paths.done(), spec.run_id: record})
     record["role"] = role(spec, chosen)
+    if record.get("completions_file"):  # first, so that a record never names a missing file
+        from offprincipal.experiment.records import COMPLETIONS_FILE
+        from offprincipal.files import write_bytes_atomic
+
+        write_bytes_atomic(paths.records / record["completions_file"], (folder / COMPLETIONS_FILE).read_bytes())
     _write_json(paths.record(spec.run_id), record)
     if not keep_weights:
         for sub in ("model", "adapter"):
@@ -479,6 +561,8 @@ def _suite_from(args) -> Suite:
         overrides["stability"] = _rates(args.stability, "--stability")
     if args.stability_seeds is not None:
         overrides["stability_seeds"] = args.stability_seeds
+    if args.arm:
+        overrides["extra"] = tuple(ExtraArm.parse(text) for text in args.arm)
     return Suite(**overrides)
 
 
@@ -520,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stability sweep: each method at each rate, --stability-seeds seeds (runs the comparison "
                         "already has are not repeated), e.g. offprincipal=2e-4,1e-3,3e-3 lora=2e-4,1e-3,3e-3")
     g.add_argument("--stability-seeds", type=int, default=None, help="seeds of the stability sweep (default: 2)")
+    g.add_argument("--arm", nargs="+", default=None, metavar="METHOD[:lr=LR][:k=K][:seeds=N]",
+                   help="extra arms, run after the others in the order given, e.g. offprincipal-random:seeds=3 "
+                        "lora:lr=1e-4:seeds=2 offprincipal:k=8:seeds=2 (rate: the method's default; k: --top-k; "
+                        "seeds: --seeds)")
     return p
 
 

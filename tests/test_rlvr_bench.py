@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from offprincipal.experiment.methods import METHODS as REGISTRY
+from offprincipal.experiment.records import read_completions
 from conftest import make_tiny_model, make_tokenizer
 
 pytest.importorskip("trl")
@@ -82,9 +83,9 @@ def test_every_arm_runs_and_records_are_well_formed(suite, capsys):
     assert status == 0, out
     records = suite.records()
     assert {r["method"] for r in records.values()} == METHODS
-    # 5 multi-seed methods × 2 seeds + 7 single-seed + 2 ablation runs + 3 sweep runs at the rate not chosen
+    # 5 multi-seed methods × 2 seeds + 9 single-seed + 2 ablation runs + 3 sweep runs at the rate not chosen
     # + 2 seeds of LoRA at the fixed rate 1e-2
-    assert len(records) == 5 * 2 + 7 + 2 + 3 + 2
+    assert len(records) == 5 * 2 + 9 + 2 + 3 + 2
     for run_id, r in records.items():
         assert FIELDS <= set(r), f"{run_id} lacks {FIELDS - set(r)}"
         assert r["run_id"] == run_id and r["steps"] == 2 and r["role"] in ("main", "sweep")
@@ -93,7 +94,14 @@ def test_every_arm_runs_and_records_are_well_formed(suite, capsys):
         assert len(r["layer_names"]) == len(r["layer_nss"]) == len(r["layer_max_angle"]) == 14
         assert (r["reward_curve"] is None) == (r["method"] == "sft")
         assert all(isinstance(v, float) and not math.isnan(v) for v in r["loss_curve"])
-        assert (r["rank"] == 4) == (r["method"] in ("offprincipal", "lora", "dora", "pissa", "mica"))
+        assert (r["rank"] == 4) == (r["method"] in ("offprincipal", "offprincipal-random", "lora", "dora", "pissa",
+                                                    "mica", "geora"))
+        # per-prompt outcomes (issue 18): after from the run, before from the suite's base evaluation; completions
+        assert len(r["correct_after"]) == len(r["strict_correct_after"]) == len(r["correct_before"]) == 4
+        assert sum(r["correct_after"]) / 4 == r["accuracy_after"] and sum(r["correct_before"]) / 4 == r["accuracy_before"]
+        assert r["retention_kl"] is None or r["retention_kl"] >= 0
+        rows = read_completions(suite.folder / "records" / r["completions_file"])
+        assert [row["correct"] for row in rows] == r["correct_after"]
         assert not list((suite.runs / run_id).glob("adapter")) and not list((suite.runs / run_id).glob("model"))
     assert len({r["accuracy_before"] for r in records.values()}) == 1  # the base model, measured once
     assert {r["arm"] for r in records.values() if r["top_k"] != 8} == {"offprincipal k=2", "offprincipal k=12"}
@@ -181,3 +189,26 @@ def test_stability_rates_are_checked(item, match):
     rlvr = load_script("rlvr")
     with pytest.raises(SystemExit, match=match):
         rlvr._suite_from(rlvr.build_parser().parse_args(["run", "--stability", item]))
+
+
+def test_extra_arms_are_planned_after_the_others_in_the_order_given():
+    """The suite command of issue 18: its 13 runs, in its order, with the arm names the report knows."""
+    rlvr = load_script("rlvr")
+    arms = ["offprincipal-random:seeds=3", "lora:lr=1e-4:seeds=2", "offprincipal:lr=1e-4:seeds=2",
+            "offprincipal:k=8:seeds=2", "offprincipal:k=128:seeds=2", "geora:seeds=2"]
+    args = rlvr.build_parser().parse_args(["run", "--methods", "offprincipal", "lora", "--sweep", "--single-seeds", "0",
+                                           "--ablation-top-k", "--fixed-lr", "--arm", *arms])
+    suite = rlvr._suite_from(args)
+    specs = rlvr.plan(suite, {})
+    extra = [s for s in specs if s.extra >= 0]
+    assert specs[-len(extra):] == extra and len(extra) == 13
+    assert [(s.arm, s.seed) for s in extra] == [
+        ("offprincipal-random", 0), ("offprincipal-random", 1), ("offprincipal-random", 2), ("lora lr=0.0001", 0),
+        ("lora lr=0.0001", 1), ("offprincipal lr=0.0001", 0), ("offprincipal lr=0.0001", 1), ("offprincipal k=8", 0),
+        ("offprincipal k=8", 1), ("offprincipal k=128", 0), ("offprincipal k=128", 1), ("geora", 0), ("geora", 1)]
+    assert extra[0].run_id == "offprincipal-random-k32-lr0.0002-s0" and extra[7].run_id == "offprincipal-k8-lr0.0002-s0"
+    assert {s.role for s in extra} == {"main"}
+    for bad, match in (("nonsense:seeds=2", "not a method"), ("lora:lr=fast", "METHOD\\[:lr=LR\\]"),
+                       ("lora:depth=2", "METHOD\\[:lr=LR\\]")):
+        with pytest.raises(SystemExit, match=match):
+            rlvr.ExtraArm.parse(bad)
