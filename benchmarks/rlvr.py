@@ -1,4 +1,5 @@
-"""RLVR benchmark: OffPrincipal against LoRA, DoRA, PiSSA, MiCA, OSF, full FT, sparse-FT masks and SFT.
+"""RLVR benchmark: OffPrincipal against its random-subspace control, LoRA, DoRA, PiSSA, MiCA, GeoRA, OSF, full FT,
+sparse-FT masks and SFT.
 
 Every arm is one ``offprincipal train`` run (GRPO through TRL) with the same model, task, prompts (same seed → same
 prompt order), generations, completion length, steps and held-out set; the base model's held-out accuracy is
@@ -6,6 +7,9 @@ measured once per suite (``offprincipal evaluate``). Each finished run becomes o
 ``<results>/<suite>/records/<run_id>.json``, written atomically; a re-run skips every run that has a record (the
 suite resumes after an interruption). Run folders (logs, metrics, reports; weights deleted unless --keep-weights)
 go to ``runs/rlvr/<suite>/`` (not committed). ``benchmarks/rlvr_report.py`` turns the records into report.md.
+A record carries the per-prompt 0/1 outcomes of the base model and of the run (lenient and strict scoring) and names
+the run's completions, kept beside it as ``<run_id>.completions.jsonl.gz``. Arms beyond the default plan are named
+with ``--arm METHOD[:lr=LR][:k=K][:seeds=N]`` (e.g. the controls of issue 18).
 
 Learning rates: a sweep on seed 0 for ``lora``, ``offprincipal`` and ``full`` picks, per swept method, the rate with
 the highest mean training reward over all steps (never the held-out set); the other methods take the rate of their
