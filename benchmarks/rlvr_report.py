@@ -323,7 +323,8 @@ def _strict_section(records, summary) -> str:
     base = _stat(r.get("accuracy_strict_before") for r in records)
     parts = ["## Strict and lenient accuracy",
              "Lenient: the last number of the completion is the result (the training reward's rule). Strict: the "
-             "completion states the result once, as `c` or `a op b = c`, with nothing after it but punctuation "
+             "completion states the result once, as `c` alone or as its final and only equation `a op b = c` (after "
+             "any working), with nothing after it but punctuation "
              "(echoes, lists and repeated numbers score 0). Disagreement: the share of prompts scored right by one "
              "rule and wrong by the other. Mean ± SE over seeds."]
     if not rows:

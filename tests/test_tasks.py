@@ -173,6 +173,10 @@ def test_evaluate_accuracy_batches_left_padded(tokenizer):
     ("Compute 45 * 0. Give only the final answer.", "0", True, False),
     ("The answer is 122.", "122", True, False),
     ("100 + 22 = 122 because", "122", True, False),  # words after the result
+    ("To add 59 + 63, we combine them: 59 + 63 = 122.", "122", True, True),  # working, then the one equation
+    ("59 + 63 = 122. So 59 + 63 = 122.", "122", True, False),  # the result stated twice
+    ("61 + 48 = 22. So, 61 + 48 = 109.", "109", True, False),  # two different results
+    ("45 * 1 = 45", "45", True, True),
     ("123", "122", False, False),
     ("Paris.", "Paris", True, True),
     ("The capital of France is Paris.", "Paris", True, False),

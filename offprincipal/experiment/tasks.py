@@ -11,7 +11,8 @@ Arithmetic (``get_task("arithmetic")``): ``a op b`` with op cycling through ``+`
 (``-``, thousands separators and decimals understood); a completion without one scores 0. That *lenient* score counts
 "122 122 122", "121 122" and an echo of the prompt whose last operand happens to be the result as right; the
 *strict* score (:func:`strict_answer_matches`, reported beside it, never a reward) counts a completion only when it
-states the result once, as ``c`` alone or as ``a op b = c``, with nothing after it but punctuation. An optional format
+states the result once, as ``c`` alone or as a final (and only) equation ``a op b = c``, with nothing after it but
+punctuation. An optional format
 reward pays 1 when the completion is just that number.
 
 The default digits are calibrated so that SmolLM2-135M-Instruct, greedy, is right on a minority of the held-out
@@ -114,25 +115,34 @@ def answer_matches(text: str, answer: Any) -> bool:
     return bool(want) and (got == want or (got.endswith(want) and not got[-len(want) - 1].isalnum()))
 
 
-_STRICT_NUMERIC = re.compile(
-    r"\s*(?:" + _NUMBER.pattern + r"\s*[-+*/x×÷\u2212]\s*" + _NUMBER.pattern + r"\s*=\s*)?(?P<c>"
-    + _NUMBER.pattern + r")[\s.,;:!?]*", re.ASCII)
+_STRICT_TAIL = r"[\s.,;:!?]*\Z"
+_STRICT_ALONE = re.compile(r"\s*(?P<c>" + _NUMBER.pattern + ")" + _STRICT_TAIL, re.ASCII)
+_STRICT_EQUATION = re.compile(
+    r"(?<![\w.,])" + _NUMBER.pattern + r"\s*[-+*/x×÷\u2212]\s*" + _NUMBER.pattern + r"\s*=\s*(?P<c>"
+    + _NUMBER.pattern + ")" + _STRICT_TAIL, re.ASCII)
 
 
 def strict_answer_matches(text: str, answer: Any) -> bool:
-    """Whether completion ``text`` states the reference ``answer`` once and nothing else.
+    """Whether completion ``text`` states the reference ``answer`` once, in one of two forms, and nothing after it.
 
-    Numeric answers: ``text`` is ``c`` or ``a op b = c`` (op one of ``+ - * / x × ÷ −``; the form the model uses,
-    "7 + 5 = 12."), surrounded by whitespace and followed by nothing but punctuation, and c equals the answer
-    exactly. So "122" and "100 + 22 = 122." score 1; "122 122 122", "121 122", "The answer is 122" and an echo of
-    the prompt ("Compute 38 - 19. …", whose last number is the result 19) score 0. String answers: ``text``
-    normalised (:func:`normalize_answer`) equals the answer normalised ("Paris." yes, "The capital is Paris" no).
+    Numeric answers: ``text`` is ``c`` alone, or it ends with the equation ``a op b = c`` (op one of
+    ``+ - * / x × ÷ −``; the form the model uses, "7 + 5 = 12.", after any words of working) and that equation is its
+    only one (no other ``=``: a result stated twice, or two different results, scores 0); after c nothing but
+    whitespace and punctuation; c equals the answer exactly. So "122", "100 + 22 = 122." and "To add them: 100 + 22
+    = 122." score 1; "122 122 122" (a repeated number), "121 122" (a list), "The answer is 122", "100 + 22 = 122. So
+    100 + 22 = 122." and an echo of the prompt ("Compute 38 - 19. …", whose last number is the result 19) score 0.
+    String answers: ``text`` normalised (:func:`normalize_answer`) equals the answer normalised ("Paris." yes, "The
+    capital is Paris" no).
     """
     number = numeric_answer(answer)
     if number is None:
         return bool(normalize_answer(str(answer))) and normalize_answer(text) == normalize_answer(str(answer))
-    match = _STRICT_NUMERIC.fullmatch(text)
-    return match is not None and parse_final_number(match.group("c")) == number
+    match = _STRICT_ALONE.match(text)
+    if match is None:
+        match = _STRICT_EQUATION.search(text)
+        if match is None or "=" in text[: match.start()]:
+            return False
+    return parse_final_number(match.group("c")) == number
 
 
 def correctness_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs) -> list[float]:
