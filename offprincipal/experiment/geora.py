@@ -17,6 +17,10 @@ For each targeted linear weight W0 (m×n, (out, in)), rank r, LoRA scaling s = l
    PiSSA does: B0 = P_r Σ_r^{1/2} / √s (m×r), A0 = Σ_r^{1/2} Q_rᵀ / √s (r×n), so that s·B0A0 = P_r Σ_r Q_rᵀ.
 5. **Residual frozen**: the base weight is replaced by W_res = W0 − s·B0A0 (fp32 arithmetic, stored in the base
    weight's dtype), so the model at initialisation equals the base to that rounding; A and B are trained, W_res is not.
+   Under bf16 autocast the two terms W_res·x and s·B0(A0·x) are each computed in bf16, so the model at init differs
+   from the base by bf16 rounding of a term as large as the top-r part of W_geo (as with PiSSA). Because A0, B0 are
+   large (‖row i of A0‖ = √(σ_i/s)), an optimizer step moves ΔW = s·BA much more than it moves a LoRA that starts at
+   B = 0: the rate that suits LoRA is not necessarily GeoRA's (the registry gives it LoRA's rate family).
 
 Choices where the paper is vague: α = ½ for both masks (the sparse baselines' density), k = the run's ``--top-k``
 (32 in the suites), union for the fusion, the symmetric √Σ split and the SVD of the *masked* weight (not of
