@@ -1,8 +1,9 @@
-"""Distributed plumbing of the off-principal optimizers.
+"""Distributed plumbing shared by the off-principal optimizers and the adapter.
 
-- Bases are computed where the real weights are: with several ranks, rank 0 computes them (from the full
-  weight, gathered from DTensor shards) and broadcasts U and V; other ranks may hold placeholder weights
-  (memory-efficient loading leaves zeros there).
+- Bases are computed where the real weights are (:func:`bases_on_rank0`, used by the optimizers and the adapter):
+  with several ranks, rank 0 computes them (from the whole weight: DTensor shards or ZeRO-3 partitions gathered)
+  and broadcasts U, S and V; other ranks may hold placeholder weights (memory-efficient loading leaves zeros or
+  the ``meta`` device there). Engine-specific code: :mod:`offprincipal.integrations`.
 - FSDP2 (DTensor ``Shard(0)``) steps shard-locally: see :func:`offprincipal.projection.row_shard`.
 - DeepSpeed ZeRO flattens parameters into 1-D partitions, which an update-projecting optimizer cannot see as
   matrices: :func:`offprincipal.integrations.deepspeed.check_not_flattened` refuses it and says what to use.
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .subspace import Subspace
+from .integrations.deepspeed import gathered
+from .subspace import Subspace, fingerprint
 
 
 def is_distributed() -> bool:
@@ -49,12 +51,13 @@ def comm_device() -> torch.device:
 
 def broadcast_bases(
     names_shapes_ks: Mapping[str, tuple[tuple[int, int], int]],
-    compute: Callable[[str], Optional[tuple[torch.Tensor, torch.Tensor]]],
+    compute: Callable[[str], Optional[Subspace]],
     device_of: Callable[[str], torch.device],
     src: int = 0,
     progress: bool = True,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """U (m, k) and V (n, k) for every name, computed on rank ``src`` and broadcast to all ranks.
+) -> dict[str, Subspace]:
+    """The :class:`Subspace` (U (m, k), S (k,), V (n, k), fp32) of every name, computed on rank ``src`` and
+    broadcast to all ranks.
 
     ``compute(name)`` runs on every rank, in the same order (it may contain collectives such as gathering a
     DTensor); only rank ``src``'s result is used, other ranks may return ``None``.
@@ -67,14 +70,44 @@ def broadcast_bases(
         result = compute(name)
         device = comm_device()
         if rank == src:
-            U, V = (t.to(device=device, dtype=torch.float32).contiguous() for t in result)
+            U, S, V = (t.to(device=device, dtype=torch.float32).contiguous() for t in (result.U, result.S, result.V))
         else:
-            U = torch.empty(m, k, device=device, dtype=torch.float32)
-            V = torch.empty(n, k, device=device, dtype=torch.float32)
-        dist.broadcast(U, src)
-        dist.broadcast(V, src)
-        out[name] = (U.to(device_of(name)), V.to(device_of(name)))
+            U, S, V = (torch.empty(shape, device=device, dtype=torch.float32) for shape in ((m, k), (k,), (n, k)))
+        for t in (U, S, V):
+            dist.broadcast(t, src)
+        out[name] = Subspace(U, S, V).to(device_of(name))
     return out
+
+
+def bases_on_rank0(
+    weights: Mapping[str, torch.Tensor],
+    names_shapes_ks: Mapping[str, tuple[tuple[int, int], int]],
+    compute: Callable[[str, torch.Tensor], Subspace],
+    progress: bool = True,
+    src: int = 0,
+) -> tuple[dict[str, Subspace], dict[str, str]]:
+    """Bases computed where the real weights are, for every rank: (``{name: Subspace}``, ``{name: fingerprint}``).
+
+    ``weights``: each weight as stored. A DTensor (FSDP2) is all-gathered and a ZeRO-3 partition gathered, one
+    weight at a time (collectives: every rank calls this with the same names in the same order; peak extra memory
+    one whole weight); plain weights are read on rank ``src`` only, so other ranks may hold placeholders or weights
+    on the ``meta`` device (FSDP's CPU-RAM-efficient loading). ``compute(name, W)`` gets the whole stored weight and
+    runs on rank ``src`` only: that is where a subspace cache is read and written. The fingerprints
+    (:func:`offprincipal.subspace.fingerprint`) are rank ``src``'s, broadcast. The bases are fp32 and lie on each
+    weight's local device (:func:`local_device`).
+    """
+    fingerprints: dict[str, str] = {}
+
+    def on_src(name):
+        with gathered([weights[name]]):  # ZeRO-3: whole on every rank while read
+            W = full_weight(weights[name])  # collective for DTensors: every rank calls it
+            if dist.get_rank() != src:
+                return None
+            fingerprints[name] = fingerprint(W)
+            return compute(name, W)
+
+    subs = broadcast_bases(names_shapes_ks, on_src, lambda name: local_device(weights[name]), src=src, progress=progress)
+    return subs, broadcast_object(fingerprints, src)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -5,10 +5,10 @@ shape and ``p.ds_numel`` the real size; the whole tensor exists only while it is
 (``deepspeed.zero.GatheredParameters``, or the engine's hooks around a module's forward and backward). ZeRO-1/2
 keep whole parameters in the model but flatten the optimizer's view into 1-D fp32 partitions. So:
 
-- **Bases** (:func:`partitioned_subspaces`): each targeted weight W (m×n) is gathered in turn, one at a time (so
-  peak memory is one weight, not the model), rank 0 computes its top-k bases (through the subspace cache) and
-  broadcasts them, so every rank holds the same U (m×k), S (k,), V (n×k). The base fingerprint gathers the same way
-  (:func:`gathered`). PEFT's own ``gather_params_ctx`` (used for PiSSA) is a no-op unless a ``HfDeepSpeedConfig`` is
+- **Bases** (:func:`offprincipal.distributed.bases_on_rank0`, shared with FSDP2 and the optimizers): each
+  targeted weight W (m×n) is gathered in turn (:func:`gathered`), one at a time (so peak memory is one weight, not
+  the model), rank 0 fingerprints it and computes its top-k bases (through the subspace cache) and broadcasts them,
+  so every rank holds the same U (m×k), S (k,), V (n×k) and base fingerprint. PEFT's own ``gather_params_ctx`` (used for PiSSA) is a no-op unless a ``HfDeepSpeedConfig`` is
   alive; :func:`gathered` decides from the parameters themselves, so weights partitioned by ``deepspeed.zero.Init``
   alone are gathered too.
 - **Forward** (:func:`fetch_for_forward`): the adapter layer reads its factors A (r×n) and B (m×r) to project them
@@ -30,7 +30,7 @@ keep whole parameters in the model but flatten the optimizer's view into 1-D fp3
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -106,33 +106,3 @@ def require_whole(p: torch.Tensor, what: str) -> None:
             f"{what} is partitioned by DeepSpeed ZeRO-3 and not gathered: wrap the call in "
             "deepspeed.zero.GatheredParameters(model.parameters()) (modifier_rank=0 to keep changes), on every rank"
         )
-
-
-def partitioned_subspaces(
-    bases: Mapping[str, nn.Module],
-    matrix: Callable[[nn.Module], torch.Tensor],
-    compute: Callable[[Mapping[str, torch.Tensor]], dict],
-    progress: bool = True,
-) -> dict:
-    """Top-k bases of ZeRO-3 partitioned weights: name → :class:`~offprincipal.subspace.Subspace`.
-
-    Each module's weight is gathered in turn (a collective; every rank iterates ``bases`` in the same order), its
-    (out, in) matrix is read with ``matrix(module)`` and ``compute({name: W})`` (the subspace bank: cache, SVD) runs
-    on rank 0 only; the result is broadcast, so all ranks hold rank 0's bases. Peak extra memory: one whole weight.
-    """
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from ..distributed import broadcast_object, is_distributed
-
-    rank = dist.get_rank() if is_distributed() else 0
-    out = {}
-    for name, module in tqdm(bases.items(), desc="principal subspaces (ZeRO-3, rank 0)", unit="weight",
-                             disable=not progress or rank != 0):
-        with gathered([module.weight]):
-            sub = compute({name: matrix(module)})[name] if rank == 0 else None
-        if is_distributed():
-            device = module.weight.device
-            sub = broadcast_object(sub.to("cpu") if sub is not None else None).to(device=device)
-        out[name] = sub
-    return out

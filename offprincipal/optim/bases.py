@@ -10,11 +10,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from ..distributed import (
+    bases_on_rank0,
     broadcast_bases,
     broadcast_object,
     full_weight,
     is_distributed,
     local_device,
+    subspace_bases,
 )
 from ..integrations.deepspeed import check_not_flattened
 from ..options import ProjectionOptions
@@ -134,27 +136,19 @@ class PrincipalBases:
         ks = {name: resolve_top_k(o.top_k, tuple(p.shape), name, pattern) for name, p in chosen.items()}
         method, cache_dir = o.svd_method, o.cache_dir
         if is_distributed():
-            fps: dict[str, str] = {}
+            def compute(name, W):
+                return compute_subspaces({name: W}, ks[name], method=method, cache_dir=cache_dir, progress=False)[name]
 
-            def compute(name):
-                W = full_weight(chosen[name])  # collective for DTensors: every rank calls it
-                if torch.distributed.get_rank() != 0:
-                    return None
-                fps[name] = fingerprint(W)
-                sub = compute_subspaces({name: W}, ks[name], method=method, cache_dir=cache_dir, progress=False)
-                return sub[name].U, sub[name].V
-
-            uv = broadcast_bases(
-                {name: (tuple(p.shape), ks[name]) for name, p in chosen.items()}, compute,
-                lambda name: local_device(chosen[name]), progress=o.progress,
+            subs, fps = bases_on_rank0(
+                chosen, {name: (tuple(p.shape), ks[name]) for name, p in chosen.items()}, compute, progress=o.progress,
             )
-            fps = broadcast_object(fps)
+            uv = subspace_bases(subs)
         else:
             weights = {name: full_weight(p) for name, p in chosen.items()}
             subs = compute_subspaces(
                 weights, o.top_k, top_k_pattern=pattern, method=method, cache_dir=cache_dir, progress=o.progress,
             )
-            uv = {name: (s.U, s.V) for name, s in subs.items()}
+            uv = subspace_bases(subs)
             fps = {name: fingerprint(w) for name, w in weights.items()}
         return {
             name: _Basis(U, V, dict(fingerprint=fps[name], k=ks[name], method=tag, shape=list(chosen[name].shape)))
@@ -341,8 +335,7 @@ class PrincipalBases:
         shapes = {name: (tuple(info["shape"]), info["k"]) for name, info in stale.items()}
         device_of = lambda name: self.entries[name].U.device  # noqa: E731
         if is_distributed():
-            uv = broadcast_bases(shapes, lambda name: (found[name].U, found[name].V) if name in found else None,
-                                 device_of, progress=False)
+            uv = subspace_bases(broadcast_bases(shapes, found.get, device_of, progress=False))
         else:
             uv = {name: (found[name].U.to(device_of(name)), found[name].V.to(device_of(name))) for name in stale}
         for name, (U, V) in uv.items():

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from peft import LoraConfig
@@ -19,6 +19,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 
+from ..distributed import full_weight, is_distributed
 from .layer import OffPrincipalLayer
 
 _PEFT_PREFIX = "base_model.model."
@@ -26,16 +27,18 @@ _PEFT_PREFIX = "base_model.model."
 
 @torch.no_grad()
 def to_lora(model: torch.nn.Module, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """(LoraConfig, state_dict) of a LoRA adapter equal to ``adapter_name`` of an OffPrincipal ``PeftModel``."""
+    """(LoraConfig, state_dict) of a LoRA adapter equal to ``adapter_name`` of an OffPrincipal ``PeftModel``.
+
+    Under FSDP2 the factors are gathered (collectives: call it on every rank); every rank gets the whole adapter."""
     config = model.peft_config[adapter_name]
     state_dict: dict[str, torch.Tensor] = {}
     targets, ranks, transposed = set(), {}, False
     for name, module in model.named_modules():
         if not isinstance(module, OffPrincipalLayer) or adapter_name not in module.offprincipal_A:
             continue
-        A, B = module.effective_factors(adapter_name)
-        state_dict[f"{name}.lora_A.weight"] = A.detach().contiguous().clone()
-        state_dict[f"{name}.lora_B.weight"] = (B.detach() * module.scaling[adapter_name]).contiguous()
+        A, B = (full_weight(t) for t in module.effective_factors(adapter_name))  # gathered under FSDP2
+        state_dict[f"{name}.lora_A.weight"] = A.contiguous().clone()
+        state_dict[f"{name}.lora_B.weight"] = (B * module.scaling[adapter_name]).contiguous()
         short = name.removeprefix(_PEFT_PREFIX)
         targets.add(short)
         ranks[short] = module.r[adapter_name]
@@ -45,7 +48,7 @@ def to_lora(model: torch.nn.Module, adapter_name: str = "default") -> tuple[Lora
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for pname, p in module.modules_to_save[adapter_name].named_parameters():
-                state_dict[f"{name}.{pname}"] = p.detach().clone()
+                state_dict[f"{name}.{pname}"] = full_weight(p).clone()
     lora_config = LoraConfig(
         r=config.r,
         lora_alpha=config.r,
@@ -66,11 +69,23 @@ ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, "README.md", W
 _TMP_PREFIX = ".save_as_lora-"
 
 
-def save_as_lora(model: torch.nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default") -> LoraConfig:
+def save_as_lora(
+    model: torch.nn.Module,
+    path: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    is_main_process: Optional[bool] = None,
+) -> LoraConfig:
     """Write :func:`to_lora`'s adapter to the folder ``path``: ``adapter_config.json`` and
-    ``adapter_model.safetensors`` (see :func:`write_lora` for which folders are accepted and how files are written)."""
+    ``adapter_model.safetensors`` (see :func:`write_lora` for which folders are accepted and how files are written).
+
+    With a default process group (e.g. FSDP2), every rank must call it (the factors are gathered); only the main
+    process writes (``is_main_process``, default: rank 0; without a process group: True, as in PEFT's
+    ``save_pretrained``). Every rank returns the config."""
     lora_config, state_dict = to_lora(model, adapter_name)
-    write_lora(path, lora_config, state_dict)
+    if is_main_process is None:
+        is_main_process = not is_distributed() or torch.distributed.get_rank() == 0
+    if is_main_process:
+        write_lora(path, lora_config, state_dict)
     return lora_config
 
 

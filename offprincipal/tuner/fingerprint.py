@@ -18,30 +18,37 @@ from typing import Mapping, Optional
 
 from torch import nn
 
-from ..integrations.deepspeed import gathered
 from ..subspace import fingerprint
 
 STRICT_ENV = "OFFPRINCIPAL_STRICT_BASE"
 
 
-def base_fingerprint(layers: Mapping[str, nn.Module]) -> Optional[str]:
-    """BLAKE2b-128 (32 hex digits) over the lines ``"{name}\\t{fingerprint(W)}\\n"`` of the targeted layers in name
-    order, W the base weight as stored (the unmerged one for a merged OffPrincipal layer), gathered one at a time
-    when ZeRO-3 partitions it; ``None`` when a weight is on the meta device (nothing to fingerprint)."""
+def stored_weight(module: nn.Module):
+    """The base weight of a targeted layer as stored (the unmerged one for a merged OffPrincipal layer)."""
     from .layer import OffPrincipalLayer
 
+    if isinstance(module, OffPrincipalLayer):
+        return module.unmerged_base_weight()
+    return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+
+
+def combine_fingerprints(fingerprints: Mapping[str, str]) -> str:
+    """BLAKE2b-128 (32 hex digits) over the lines ``"{name}\t{fingerprint}\n"`` in name order."""
     digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(layers):
-        module = layers[name]
-        if isinstance(module, OffPrincipalLayer):
-            weight = module.unmerged_base_weight()
-        else:
-            weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
-        if weight.device.type == "meta":
-            return None
-        with gathered([weight]):
-            digest.update(f"{name}\t{fingerprint(weight)}\n".encode())
+    for name in sorted(fingerprints):
+        digest.update(f"{name}\t{fingerprints[name]}\n".encode())
     return digest.hexdigest()
+
+
+def base_fingerprint(layers: Mapping[str, nn.Module]) -> Optional[str]:
+    """:func:`combine_fingerprints` of :func:`~offprincipal.subspace.fingerprint` of each targeted layer's
+    :func:`stored_weight`; ``None`` when a weight is on the meta device (nothing to fingerprint). With several
+    ranks or ZeRO-3 partitioned weights the tuner takes rank 0's digest of the whole weights instead
+    (:func:`offprincipal.distributed.bases_on_rank0`)."""
+    weights = {name: stored_weight(module) for name, module in layers.items()}
+    if any(w.device.type == "meta" for w in weights.values()):
+        return None
+    return combine_fingerprints({name: fingerprint(w) for name, w in weights.items()})
 
 
 def strict_base(config) -> bool:
@@ -54,9 +61,9 @@ def strict_base(config) -> bool:
     return env == "1" if env else bool(config.strict_base)
 
 
-def check_base_fingerprint(layers: Mapping[str, nn.Module], config, adapter_name: str) -> None:
-    """Record the base on a new adapter (``config.base_fingerprint`` is None); check it on one that has it."""
-    current = base_fingerprint(layers)
+def check_base_fingerprint(current: Optional[str], n_layers: int, config, adapter_name: str) -> None:
+    """Record the base digest ``current`` (:func:`base_fingerprint` of the ``n_layers`` targeted layers) on a new
+    adapter (``config.base_fingerprint`` is None); check it on one that has it."""
     if config.base_fingerprint is None:
         config.base_fingerprint = current
         return
@@ -76,7 +83,7 @@ def check_base_fingerprint(layers: Mapping[str, nn.Module], config, adapter_name
         )
     else:
         message = (
-            f"OffPrincipal adapter {adapter_name!r} was trained on a different base: the {len(layers)} weights it "
+            f"OffPrincipal adapter {adapter_name!r} was trained on a different base: the {n_layers} weights it "
             f"targets have base_fingerprint {current}, the adapter records {config.base_fingerprint}. Its principal "
             "bases are recomputed from these weights, so ΔW differs from the trained one (a copy of the same base "
             f"in another dtype counts as different) ({how})"

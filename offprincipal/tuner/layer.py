@@ -26,7 +26,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .._sides import SIDES
+from ..distributed import full_weight, local_device
 from ..integrations.deepspeed import fetch_for_forward, full_shape, gathered, is_partitioned, require_whole
+from ..integrations.fsdp import check_factor_modules, local_rows, local_shard, replicated_bases, sharded_like, storage_key
 from ..projection import principal_leak, project_repeated, uses_left, uses_right
 from ..subspace import Subspace, minor_right_directions
 from .merge import Factors, MergeRecord, merge_exact, subtract, unmerge_exact
@@ -108,6 +110,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.kwargs = kwargs
         self._factor_cache: dict[str, tuple] = {}  # scratch, not state: a plain dict is never saved
         self._merge_records: list[MergeRecord] = []  # scratch: one exact correction per merge call (see .merge)
+        self._merge_key: Optional[tuple] = None  # scratch: storage_key of the weight right after the last merge
         ensure_step_hook()  # the factor cache must be dropped after every optimizer step
 
         base = self.get_base_layer()
@@ -147,7 +150,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.offprincipal_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self._init_factors(adapter_name, init, subspace.k)
         self._move_adapter_to_device_of_base_layer(adapter_name)
-        device = self.get_base_layer().weight.device
+        device = local_device(self.get_base_layer().weight)  # a meta weight's bases stay real (see local_device)
         if uses_left(sides):
             self.offprincipal_U[adapter_name] = subspace.U.to(device=device, dtype=torch.float32)
         if uses_right(sides):
@@ -163,17 +166,21 @@ class OffPrincipalLayer(BaseTunerLayer):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         elif init == "minor":
             base = self.get_base_layer()
-            with gathered([base.weight]):  # ZeRO-3: whole on every rank while read
-                A.copy_(minor_right_directions(self.base_weight_matrix(), k, self.r[adapter_name]).to(A))
+            if base.weight.device.type != "meta":  # no values: A follows the base onto meta (FSDP loads rank 0's A)
+                with gathered([base.weight]):  # ZeRO-3: whole on every rank while read
+                    W = full_weight(self.base_weight_matrix())  # FSDP2: all-gathered
+                    A.copy_(minor_right_directions(W, k, self.r[adapter_name]).to(A))
         else:
             raise ValueError(f"unknown init {init!r}; use 'random' or 'minor'")
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """PEFT's move, except that the bases keep fp32 (PEFT would cast them to the base weight's dtype)."""
+        """PEFT's move, except that the bases keep fp32 (PEFT would cast them to the base weight's dtype) and stay
+        real next to a base weight on the meta device (:func:`~offprincipal.distributed.local_device`)."""
         bases = {n: getattr(self, n)[adapter_name] for n in self._basis_names if adapter_name in getattr(self, n)}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        target = device if device is not None else local_device(self.get_base_layer().weight)
         for n, basis in bases.items():
-            getattr(self, n)[adapter_name] = basis.to(device=getattr(self, n)[adapter_name].device)
+            getattr(self, n)[adapter_name] = basis.to(device=target)
 
     def effective_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(Ã, B̃): the factors after projection, in the factors' dtype; ΔW = scaling · B̃ Ã.
@@ -187,8 +194,9 @@ class OffPrincipalLayer(BaseTunerLayer):
         ``.data`` outside an optimizer step needs :meth:`clear_factor_cache`. ZeRO-3 partitioned factors are never
         cached (their storage is gathered anew for every use); outside a forward they must be gathered first.
         """
-        A = self.offprincipal_A[adapter_name].weight
-        B = self.offprincipal_B[adapter_name].weight
+        modules = (self.offprincipal_A[adapter_name], self.offprincipal_B[adapter_name])
+        check_factor_modules(modules, self.in_features, self.out_features)
+        A, B = (m.weight for m in modules)
         U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
         V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
         if is_partitioned(A) or is_partitioned(B):
@@ -198,7 +206,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
             self._factor_cache.pop(adapter_name, None)  # training: the parameters are about to change
             return self._project_factors(A, B, U, V)
-        key = tuple((t._version, t.data_ptr(), t.device) if t is not None else None for t in (A, B, U, V))
+        key = tuple((storage_key(t), t.device) if t is not None else None for t in (A, B, U, V))
         # Factors projected under torch.inference_mode() are inference tensors: a later grad-enabled forward (e.g.
         # gradients w.r.t. the inputs through a frozen adapter) cannot save them for backward, so outside
         # inference mode they are projected again.
@@ -215,10 +223,12 @@ class OffPrincipalLayer(BaseTunerLayer):
     def _project_factors(A, B, U, V) -> tuple[torch.Tensor, torch.Tensor]:
         # Two passes: fp32 bases are orthonormal only to rounding, so one pass leaves a leak of that order and a
         # second removes most of it (figures: benchmarks/results/design_figures.md); the backward keeps only U, V.
-        if V is not None:
-            A = project_repeated(A, None, V, "right", passes=2)
-        if U is not None:
-            B = project_repeated(B, U, None, "left", passes=2)
+        # FSDP2-sharded factors (DTensors, outside forward) take the plain U, V as replicated.
+        with replicated_bases(A, B):
+            if V is not None:
+                A = project_repeated(A, None, V, "right", passes=2)
+            if U is not None:
+                B = project_repeated(B, U, None, "left", passes=2)
         return A, B
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -231,10 +241,10 @@ class OffPrincipalLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         if not (self.merged and self._merge_records):
             return weight
-        restored = weight.detach().clone()
+        restored = local_shard(weight).detach().clone()  # FSDP2: the corrections are of the local shard
         for record in reversed(self._merge_records):
             unmerge_exact(restored, record)
-        return restored
+        return sharded_like(restored, weight)
 
     def merge_correction_bytes(self) -> int:
         """Bytes held by the exact merge corrections while merged (0 when unmerged); see :mod:`.merge`."""
@@ -242,11 +252,13 @@ class OffPrincipalLayer(BaseTunerLayer):
 
     def merge_factors(self, adapter_name: str) -> Factors:
         """ΔW of ``adapter_name`` as scaling · L R in the orientation of the stored base weight: (B̃, Ã) for (out, in),
-        (Ãᵀ, B̃ᵀ) for GPT-2's (in, out); the projected factors are the cached ones (no copy)."""
+        (Ãᵀ, B̃ᵀ) for GPT-2's (in, out); the projected factors are the cached ones (no copy). Under FSDP2 they are
+        laid out for the weight's local shard: the rows of L this rank holds and the whole R (r×cols, gathered)."""
         A, B = self.effective_factors(adapter_name)
         A, B = A.detach(), B.detach()
         L, R = (A.T, B.T) if self._transposed else (B, A)
-        return Factors(L, R, self.scaling[adapter_name])
+        weight = self.get_base_layer().weight
+        return Factors(local_rows(L, weight), full_weight(R), self.scaling[adapter_name])
 
     def base_weight_matrix(self) -> torch.Tensor:
         """The unmerged base weight in (out, in) orientation: what the bases of a new adapter are computed from, so
@@ -271,14 +283,16 @@ class OffPrincipalLayer(BaseTunerLayer):
         self._factor_cache.clear()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW in the orientation of the base layer's weight ((out, in); (in, out) for Conv1D), fp32 math."""
+        """ΔW in the orientation of the base layer's weight ((out, in); (in, out) for Conv1D), fp32 math; a
+        ``Shard(0)`` DTensor when the factors are FSDP2-sharded."""
         A, B = self.effective_factors(adapter_name)
         delta = (B.float() @ A.float()) * self.scaling[adapter_name]
         return delta.T if self._transposed else delta
 
     def principal_leak(self, adapter_name: str) -> tuple[float, float]:
-        """(‖UᵀΔW‖/‖ΔW‖, ‖ΔW V‖/‖ΔW‖) in fp64 with ΔW in (out, in) orientation; 0.0 for an unprotected side."""
-        delta = self.get_delta_weight(adapter_name)
+        """(‖UᵀΔW‖/‖ΔW‖, ‖ΔW V‖/‖ΔW‖) in fp64 with ΔW in (out, in) orientation; 0.0 for an unprotected side.
+        A sharded ΔW is gathered (a collective under FSDP2: every rank calls it)."""
+        delta = full_weight(self.get_delta_weight(adapter_name))
         U = self.offprincipal_U[adapter_name] if adapter_name in self.offprincipal_U else None
         V = self.offprincipal_V[adapter_name] if adapter_name in self.offprincipal_V else None
         return principal_leak(delta.T if self._transposed else delta, U, V)
@@ -321,6 +335,9 @@ class Linear(nn.Module, OffPrincipalLayer):
 
         ``safe_merge``: the merged weight is computed first and checked for NaN/inf; a broken adapter raises
         ``ValueError`` (PEFT's wording) and the base weight is left untouched.
+
+        Under FSDP2 (a ``Shard(0)`` DTensor base weight) each rank merges its own rows: the weight's local shard,
+        the rows of L it holds and the whole R (:meth:`merge_factors`); the correction is of the local shard.
         """
         adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.offprincipal_A]
         if not adapter_names:
@@ -329,8 +346,9 @@ class Linear(nn.Module, OffPrincipalLayer):
         require_whole(weight, "the base weight")  # ZeRO-3: merging needs the gathered weight (TRL gathers)
         with torch.no_grad():
             factors = [self.merge_factors(name) for name in adapter_names]
-            record = merge_exact(weight, factors, safe=safe_merge, labels=adapter_names)
+            record = merge_exact(local_shard(weight), factors, safe=safe_merge, labels=adapter_names)
         self._merge_records.append(record)
+        self._merge_key = storage_key(weight)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
@@ -343,11 +361,12 @@ class Linear(nn.Module, OffPrincipalLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         weight = self.get_base_layer().weight
+        local = local_shard(weight)  # FSDP2: this rank's rows, which the merge wrote
         records, self._merge_records = self._merge_records, []
-        top = records[-1] if records else None
+        key, self._merge_key = self._merge_key, None
         with torch.no_grad():
-            if top is not None and weight._version == top.version and weight.data_ptr() == top.pointer:
-                exact = all([unmerge_exact(weight, record) for record in reversed(records)])
+            if records and storage_key(weight) == key:
+                exact = all([unmerge_exact(local, record) for record in reversed(records)])
                 if not exact:
                     warnings.warn(
                         f"offprincipal: unmerging {type(self.get_base_layer()).__name__} did not restore the base "
@@ -360,9 +379,9 @@ class Linear(nn.Module, OffPrincipalLayer):
                     "merged; unmerge subtracts ΔW instead of restoring the saved base (not bit-exact in bf16/fp16)"
                 )
                 if records:
-                    subtract(weight, [f for record in records for f in record.factors])
+                    subtract(local, [f for record in records for f in record.factors])
                 else:
-                    subtract(weight, [self.merge_factors(n) for n in self.merged_adapters if n in self.offprincipal_A])
+                    subtract(local, [self.merge_factors(n) for n in self.merged_adapters if n in self.offprincipal_A])
         self.merged_adapters.clear()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

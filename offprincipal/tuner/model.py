@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 from typing import Optional
 
@@ -15,10 +14,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule,
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from .._sides import SIDES
-from ..integrations.deepspeed import is_partitioned, partitioned_subspaces
-from ..subspace import Subspace, compute_subspaces, random_subspaces, weight_matrix
+from ..distributed import bases_on_rank0, is_distributed
+from ..integrations.deepspeed import full_shape, is_partitioned
+from ..subspace import Subspace, compute_subspaces, random_subspaces, resolve_top_k, weight_matrix
 from .config import OffPrincipalConfig
-from .fingerprint import check_base_fingerprint
+from .fingerprint import base_fingerprint, check_base_fingerprint, combine_fingerprints, stored_weight
 from .layer import Linear, OffPrincipalLayer, resolve_fan_in_fan_out
 
 
@@ -57,12 +57,22 @@ def _refuse_inside_multihead_attention(model: nn.Module, key: str) -> None:
         )
 
 
+def _from_rank0(layers: dict[str, nn.Module]) -> bool:
+    """Whether the bases come from rank 0: a process group with several ranks exists (other ranks may hold meta or
+    placeholder weights), or a weight is a ZeRO-3 partition (its whole value exists only while gathered)."""
+    return is_distributed() or any(is_partitioned(stored_weight(m)) for m in layers.values())
+
+
 class OffPrincipalModel(BaseTuner):
     """Creates an OffPrincipal adapter model from a pretrained model (use ``peft.get_peft_model``).
 
     Before injecting an adapter, the principal bases of every targeted weight are computed in one pass
     through :func:`offprincipal.subspace.compute_subspaces` (disk cache, progress bar, total time), or with
-    ``basis="random"`` drawn by :func:`offprincipal.subspace.random_subspaces` (no cache).
+    ``basis="random"`` drawn by :func:`offprincipal.subspace.random_subspaces` (no cache). When a default process
+    group with several ranks exists, or the weights are ZeRO-3 partitions, rank 0 computes them from the whole
+    weights (ZeRO-3 partitions gathered one at a time) and broadcasts them; other ranks may hold ``meta`` or
+    placeholder weights (FSDP's CPU-RAM-efficient loading). The base fingerprint and the cache are rank 0's, so
+    every rank must create or load the adapter (as accelerate and TRL do).
     """
 
     prefix: str = "offprincipal_"
@@ -79,8 +89,12 @@ class OffPrincipalModel(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         layers = self._targeted_layers(model, config)
-        check_base_fingerprint(layers, config, adapter_name)
-        self._prefetched = self._prefetch_subspaces(layers, config)
+        if _from_rank0(layers):  # one SVD pass and one digest, on rank 0, where the real weights are
+            current, self._prefetched = self._subspaces_from_rank0(layers, config, progress=True)
+            check_base_fingerprint(current, len(layers), config, adapter_name)
+        else:
+            check_base_fingerprint(base_fingerprint(layers), len(layers), config, adapter_name)
+            self._prefetched = self._prefetch_subspaces(layers, config)
         try:
             super().inject_adapter(
                 model,
@@ -112,16 +126,48 @@ class OffPrincipalModel(BaseTuner):
         return layers
 
     def _prefetch_subspaces(self, layers: dict[str, nn.Module], config: OffPrincipalConfig) -> dict[str, Subspace]:
-        live = {key: m for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"}
-        return self._subspaces_of(live, config, progress=True)
+        weights = {
+            key: _base_matrix(m) for key, m in layers.items() if _linear_base(m).weight.device.type != "meta"
+        }
+        return self._compute_subspaces(weights, config, progress=True)
 
-    def _subspaces_of(self, layers: dict[str, nn.Module], config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
-        """Bases of the targeted layers' base weights, the unmerged ones for OffPrincipal layers (:func:`_base_matrix`);
-        ZeRO-3 partitioned weights are gathered one at a time for it."""
-        if any(is_partitioned(m.weight) for m in layers.values()):
-            compute = functools.partial(self._compute_subspaces, config=config, progress=False)
-            return partitioned_subspaces(layers, _base_matrix, compute, progress=progress)
-        return self._compute_subspaces({key: _base_matrix(m) for key, m in layers.items()}, config, progress)
+    def _subspaces_from_rank0(self, layers: dict[str, nn.Module], config: OffPrincipalConfig, progress: bool):
+        """(base digest, ``{key: Subspace}``) when :func:`_from_rank0`: rank 0 fingerprints the whole weights and
+        computes (or finds in its cache) every basis, and broadcasts them (:func:`~offprincipal.distributed.
+        bases_on_rank0`); other ranks may hold placeholder or ``meta`` weights and never touch the cache. U, S, V
+        fp32. A collective: every rank calls it with the same layers."""
+        for m in layers.values():
+            _base_matrix(m)  # refuses a layer merged without its unmerged base, as the single-process path does
+        stored = {key: stored_weight(m) for key, m in layers.items()}  # fingerprinted as stored, as base_fingerprint
+        transposed = {  # the SVD's (out, in) orientation, as _base_matrix
+            key: m._transposed if isinstance(m, OffPrincipalLayer) else isinstance(_linear_base(m), Conv1D)
+            for key, m in layers.items()
+        }
+        pattern = config.top_k_pattern
+        shapes = {}
+        for key, W in stored.items():
+            shape = full_shape(W)[::-1] if transposed[key] else full_shape(W)  # ZeRO-3 partitions have shape (0,)
+            shapes[key] = (shape, resolve_top_k(config.top_k, shape, key, pattern))
+
+        def compute(key, W):
+            W = W.T if transposed[key] else W
+            return self._compute_subspaces({key: W}, config, progress=False)[key]
+
+        subs, fingerprints = bases_on_rank0(stored, shapes, compute, progress=progress)
+        return combine_fingerprints(fingerprints), subs
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """PEFT's replacement, which moves every adapter submodule to the base weight's device, except the bases:
+        they stay where :meth:`OffPrincipalLayer.update_layer` put them (real fp32 tensors even beside a weight on
+        the meta device, which PEFT's move would turn into meta tensors)."""
+        kept = [
+            (getattr(new_module, n), adapter, basis)
+            for n in (OffPrincipalLayer._basis_names if isinstance(new_module, OffPrincipalLayer) else ())
+            for adapter, basis in getattr(new_module, n).items()
+        ]
+        super()._replace_module(parent, child_name, new_module, child)
+        for buffers, adapter, basis in kept:
+            buffers[adapter] = basis
 
     @staticmethod
     def _compute_subspaces(weights, config: OffPrincipalConfig, progress: bool) -> dict[str, Subspace]:
@@ -197,7 +243,18 @@ class OffPrincipalModel(BaseTuner):
             config.fan_in_fan_out = resolve_fan_in_fan_out(base, True)  # LoRA's warning; reset to False as LoRA does
         subspace = self._prefetched.get(current_key)
         if subspace is None:  # e.g. matched from a state_dict, or a weight that was on the meta device
-            subspace = self._subspaces_of({current_key: target}, config, progress=False)[current_key]
+            if _from_rank0({current_key: target}):
+                subspace = self._subspaces_from_rank0({current_key: target}, config, progress=False)[1][current_key]
+            else:
+                W = _base_matrix(target)
+                if W.device.type == "meta":
+                    raise ValueError(
+                        f"OffPrincipal: the base weight of {current_key!r} is on the meta device, so its principal "
+                        "bases cannot be computed in this process. Load the real weights here, or create the adapter "
+                        "with a torch.distributed process group initialised on every rank: rank 0 then computes the "
+                        "bases from its real weights and broadcasts them."
+                    )
+                subspace = self._compute_subspaces({current_key: W}, config, progress=False)[current_key]
         kwargs = dict(
             r=config.r,
             alpha=config.alpha,
