@@ -335,6 +335,11 @@ def main() -> None:
     dist.barrier()
     check(sorted(p.name for p in lora_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"],
           "save_as_lora wrote something else")
+    from safetensors import safe_open
+
+    with safe_open(str(peft_dir / "adapter_model.safetensors"), "pt") as saved:
+        settings = [k for k in saved.keys() if k.endswith("offprincipal_settings")]
+    check(len(settings) == TARGETED, f"{len(settings)} layers' settings saved, expected {TARGETED}")
     lora = PeftModel.from_pretrained(build(), str(lora_dir))
     loaded = PeftModel.from_pretrained(build(), str(peft_dir))  # every rank loads: the bases come from rank 0
     for n in layers:

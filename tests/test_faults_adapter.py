@@ -274,7 +274,6 @@ def test_safe_merge_of_a_broken_adapter_uses_peft_wording_and_leaves_the_base():
     assert torch.equal(layer.get_base_layer().weight, W0) and not layer.merged
 
 
-<<<<<<< HEAD
 # ---------------------------------------------------------------- issue 17, finding 3: an adapter keeps its k and sides
 
 
@@ -385,7 +384,8 @@ def test_the_settings_travel_in_the_weights_file_and_an_adapter_without_them_loa
     with pytest.warns(UserWarning, match="saved without its settings"):
         loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)
     assert torch.equal(logits(loaded, tiny_batch()), logits(trained, tiny_batch()))
-=======
+
+
 def test_meta_weights_without_a_process_group_are_refused_with_what_to_do():
     """Weights on the meta device have no values: without a process group (whose rank 0 would compute the bases
     from its real weights and broadcast them) the adapter says so instead of failing inside the SVD."""
@@ -397,4 +397,3 @@ def test_meta_weights_without_a_process_group_are_refused_with_what_to_do():
         model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     with pytest.raises(ValueError, match=r"is on the meta device.*process group initialised on every rank"):
         get_peft_model(model, OffPrincipalConfig(r=4, top_k=4, target_modules="all-linear", subspace_cache_dir=False))
->>>>>>> c315022 (FSDP2 for the adapter (issue 16, findings 1-2; squashed from fsdp-pre-squash for the rebase onto the DeepSpeed merge))

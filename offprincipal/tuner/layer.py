@@ -83,7 +83,10 @@ class OffPrincipalLayer(BaseTunerLayer):
 
     ``offprincipal_settings`` holds what ΔW depends on besides the factors and the base, saved with the adapter's
     weights: int64 ``[k, index of sides in SIDES]`` (:meth:`settings`); loading refuses an adapter whose saved
-    settings differ from the ones its config gives (:meth:`OffPrincipalModel._remap_adapter_state_dict_for_load`)."""
+    settings differ from the ones its config gives (:meth:`OffPrincipalModel._remap_adapter_state_dict_for_load`).
+    It is a non-persistent buffer that :meth:`OffPrincipalModel._get_adapter_state_dict` writes into the adapter's
+    weights: a persistent one would be in the model's ``state_dict()``, which accelerate's FSDP2 loader
+    (``fsdp2_load_full_state_dict``, CPU-RAM-efficient loading) requires to hold sharded parameters only."""
 
     adapter_layer_names = ("offprincipal_A", "offprincipal_B")
     other_param_names = (
@@ -91,6 +94,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         "offprincipal_settings",
     )
     _basis_names = ("offprincipal_U", "offprincipal_V")
+    _buffer_names = _basis_names + ("offprincipal_settings",)  # the non-persistent state, kept real beside meta weights
     _keep_in_fp32_modules_strict = _basis_names
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -104,7 +108,7 @@ class OffPrincipalLayer(BaseTunerLayer):
         self.offprincipal_B = nn.ModuleDict({})
         self.offprincipal_U = BufferDict({}, persistent=False)
         self.offprincipal_V = BufferDict({}, persistent=False)
-        self.offprincipal_settings = BufferDict({}, persistent=True)
+        self.offprincipal_settings = BufferDict({}, persistent=False)  # saved by OffPrincipalModel
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs

@@ -157,12 +157,13 @@ class OffPrincipalModel(BaseTuner):
         return combine_fingerprints(fingerprints), subs
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
-        """PEFT's replacement, which moves every adapter submodule to the base weight's device, except the bases:
-        they stay where :meth:`OffPrincipalLayer.update_layer` put them (real fp32 tensors even beside a weight on
-        the meta device, which PEFT's move would turn into meta tensors)."""
+        """PEFT's replacement, which moves every adapter submodule to the base weight's device, except the
+        non-persistent buffers (bases, settings): they stay where :meth:`OffPrincipalLayer.update_layer` put them, real
+        tensors even beside a weight on the meta device (PEFT's move would make them meta tensors, which accelerate's
+        FSDP2 preparation cannot re-register)."""
         kept = [
             (getattr(new_module, n), adapter, basis)
-            for n in (OffPrincipalLayer._basis_names if isinstance(new_module, OffPrincipalLayer) else ())
+            for n in (OffPrincipalLayer._buffer_names if isinstance(new_module, OffPrincipalLayer) else ())
             for adapter, basis in getattr(new_module, n).items()
         ]
         super()._replace_module(parent, child_name, new_module, child)
@@ -185,6 +186,18 @@ class OffPrincipalModel(BaseTuner):
         )
 
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of the adapter's entries, plus each layer's ``offprincipal_settings`` under the key a
+        persistent buffer would have (``<layer>.offprincipal_settings.<adapter>``); the buffer is non-persistent so
+        that it stays out of the model's ``state_dict()`` (see :class:`OffPrincipalLayer`)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for name, module in model.named_modules():
+            if isinstance(module, OffPrincipalLayer) and adapter_name in module.offprincipal_settings:
+                name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+                selected[f"{name}.offprincipal_settings.{adapter_name}"] = module.offprincipal_settings[adapter_name]
+        return selected
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's remapping of a checkpoint's keys, then the check that the adapter's saved settings
         (``offprincipal_settings``: k and sides per layer) are the ones its config gives here, before anything is
@@ -197,7 +210,8 @@ class OffPrincipalModel(BaseTuner):
         for name, module in model.named_modules():
             if not isinstance(module, OffPrincipalLayer) or adapter_name not in module.offprincipal_settings:
                 continue
-            saved = remapped.get(f"{name}.offprincipal_settings.{adapter_name}")
+            key = f"{name}.offprincipal_settings.{adapter_name}"  # non-persistent: PEFT's remap leaves the saved key
+            saved = remapped.pop(key, remapped.pop(cls._remove_adapter_name_from_key(key, adapter_name), None))
             if saved is None:
                 unchecked += 1
                 continue
