@@ -296,6 +296,25 @@ def test_loading_with_other_top_k_or_sides_is_refused(tmp_path, change):
         PeftModel.from_pretrained(make_tiny_model("llama"), path)
 
 
+@pytest.mark.parametrize("saved, change", [
+    (dict(), dict(basis="random")),
+    (dict(basis="random", basis_seed=3), dict(basis="top")),
+    (dict(basis="random", basis_seed=3), dict(basis_seed=4)),
+])
+def test_loading_with_another_basis_is_refused(tmp_path, saved, change):
+    """The basis kind and seed fix U, V as much as k and sides do: an edited adapter_config.json that switches a
+    random-basis adapter to top-k bases (or to another seed), or the reverse, is refused, not silently loaded."""
+    trained, path = saved_adapter(tmp_path, **saved)
+    edited = json.loads((path / "adapter_config.json").read_text())
+    edited.update(change)
+    (path / "adapter_config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"basis.*saved"):
+        PeftModel.from_pretrained(make_tiny_model("llama"), path)
+    config = PeftConfig.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"basis.*saved"):
+        PeftModel.from_pretrained(make_tiny_model("llama"), path, config=config)
+
+
 def test_loading_with_the_saved_settings_reproduces_delta_w_exactly(tmp_path):
     trained, path = saved_adapter(tmp_path, top_k_pattern={"q_proj": 4}, sides="left")
     loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)
@@ -379,7 +398,7 @@ def test_the_settings_travel_in_the_weights_file_and_an_adapter_without_them_loa
     trained, path = saved_adapter(tmp_path, top_k_pattern={"q_proj": 4})
     tensors = load_file(str(path / "adapter_model.safetensors"))
     settings = {k: v.tolist() for k, v in tensors.items() if k.endswith("offprincipal_settings")}
-    assert settings and all(v == [4 if "q_proj" in k else 8, 0] for k, v in settings.items())
+    assert settings and all(v == [4 if "q_proj" in k else 8, 0, 0, 0] for k, v in settings.items())  # k, sides, basis, seed
     save_file({k: v for k, v in tensors.items() if k not in settings}, str(path / "adapter_model.safetensors"))
     with pytest.warns(UserWarning, match="saved without its settings"):
         loaded = PeftModel.from_pretrained(make_tiny_model("llama"), path)

@@ -30,9 +30,26 @@ from ..distributed import full_weight, local_device
 from ..integrations.deepspeed import fetch_for_forward, full_shape, gathered, is_partitioned, require_whole
 from ..integrations.fsdp import check_factor_modules, local_rows, local_shard, replicated_bases, sharded_like, storage_key
 from ..projection import principal_leak, project_repeated, uses_left, uses_right
-from ..subspace import Subspace, minor_right_directions
+from ..subspace import BASIS_KINDS, Subspace, minor_right_directions
 from .merge import Factors, MergeRecord, merge_exact, subtract, unmerge_exact
 
+
+
+def encode_settings(k: int, sides: str, basis: str = "top", basis_seed: int = 0) -> list[int]:
+    """The int64 record of an adapter's settings: ``[k, SIDES index, BASIS_KINDS index, seed]`` (seed 0 for top-k)."""
+    return [int(k), SIDES.index(sides), BASIS_KINDS.index(basis), int(basis_seed) if basis == "random" else 0]
+
+
+def decode_settings(values: list) -> tuple[int, str, str, int]:
+    """(k, sides, basis, basis_seed) from :func:`encode_settings`'s record; a 2-entry record (k, sides: saved
+    before the basis kind was recorded) means top-k bases. Out-of-range indices read as ``"<invalid i>"``."""
+    values = [int(v) for v in values] + [0, 0][: max(0, 4 - len(values))]
+    k, side, basis, seed = values[:4]
+
+    def name(table, i):
+        return table[i] if 0 <= i < len(table) else f"<invalid {i}>"
+
+    return k, name(SIDES, side), name(BASIS_KINDS, basis), seed
 
 _CACHING_LAYERS: "weakref.WeakSet[OffPrincipalLayer]" = weakref.WeakSet()
 _STEP_HOOK: Optional[RemovableHandle] = None
@@ -82,8 +99,9 @@ class OffPrincipalLayer(BaseTunerLayer):
     convention DeepSpeed's ``keep_in_fp32_modules="auto"`` reads) keeps U and V fp32 under an engine's bf16/fp16.
 
     ``offprincipal_settings`` holds what ΔW depends on besides the factors and the base, saved with the adapter's
-    weights: int64 ``[k, index of sides in SIDES]`` (:meth:`settings`); loading refuses an adapter whose saved
-    settings differ from the ones its config gives (:meth:`OffPrincipalModel._remap_adapter_state_dict_for_load`).
+    weights: int64 ``[k, index of sides in SIDES, index of the basis kind in BASIS_KINDS, basis seed]``
+    (:meth:`settings`; the seed is 0 for top-k bases); loading refuses an adapter whose saved settings differ from
+    the ones its config gives (:meth:`OffPrincipalModel._remap_adapter_state_dict_for_load`).
     It is a non-persistent buffer that :meth:`OffPrincipalModel._get_adapter_state_dict` writes into the adapter's
     weights: a persistent one would be in the model's ``state_dict()``, which accelerate's FSDP2 loader
     (``fsdp2_load_full_state_dict``, CPU-RAM-efficient loading) requires to hold sharded parameters only."""
@@ -136,9 +154,12 @@ class OffPrincipalLayer(BaseTunerLayer):
         init: str,
         subspace: Subspace,
         inference_mode: bool = False,
+        basis: str = "top",
+        basis_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        """Add adapter ``adapter_name``: factors A (r×n), B (m×r) with B = 0, and the frozen bases."""
+        """Add adapter ``adapter_name``: factors A (r×n), B (m×r) with B = 0, and the frozen bases ``subspace`` (of
+        kind ``basis``, drawn from ``basis_seed`` when random; both recorded in ``offprincipal_settings``)."""
         if subspace.shape != (self.out_features, self.in_features):
             raise ValueError(
                 f"subspace shape {subspace.shape} does not match the layer's (out, in) = "
@@ -159,7 +180,8 @@ class OffPrincipalLayer(BaseTunerLayer):
             self.offprincipal_U[adapter_name] = subspace.U.to(device=device, dtype=torch.float32)
         if uses_right(sides):
             self.offprincipal_V[adapter_name] = subspace.V.to(device=device, dtype=torch.float32)
-        self.offprincipal_settings[adapter_name] = torch.tensor([subspace.k, SIDES.index(sides)], device=device)
+        self.offprincipal_settings[adapter_name] = torch.tensor(
+            encode_settings(subspace.k, sides, basis, basis_seed), device=device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
@@ -277,10 +299,9 @@ class OffPrincipalLayer(BaseTunerLayer):
         weight = self.unmerged_base_weight()
         return weight.T if self._transposed else weight
 
-    def settings(self, adapter_name: str) -> tuple[int, str]:
-        """(k, sides) of ``adapter_name``: the settings besides the factors that ΔW depends on."""
-        k, side = self.offprincipal_settings[adapter_name].tolist()
-        return int(k), SIDES[int(side)]
+    def settings(self, adapter_name: str) -> tuple[int, str, str, int]:
+        """(k, sides, basis, basis_seed) of ``adapter_name``: the settings besides the factors that ΔW depends on."""
+        return decode_settings(self.offprincipal_settings[adapter_name].tolist())
 
     def clear_factor_cache(self) -> None:
         """Forget the projected factors cached for no-grad forwards (see :meth:`effective_factors`)."""
@@ -320,12 +341,14 @@ class Linear(nn.Module, OffPrincipalLayer):
         init: str,
         subspace: Subspace,
         fan_in_fan_out: bool = False,
+        basis: str = "top",
+        basis_seed: int = 0,
         **kwargs,
     ) -> None:
         super().__init__()
         OffPrincipalLayer.__init__(self, base_layer, fan_in_fan_out=fan_in_fan_out, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, alpha, dropout, sides, init, subspace)
+        self.update_layer(adapter_name, r, alpha, dropout, sides, init, subspace, basis=basis, basis_seed=basis_seed)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active adapters' ΔW to the base weight: W ← fl(W0 + Σ ΔW) in the weight's dtype (fp32 math).

@@ -13,13 +13,12 @@ from transformers.pytorch_utils import Conv1D
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from .._sides import SIDES
 from ..distributed import bases_on_rank0, is_distributed
 from ..integrations.deepspeed import full_shape, is_partitioned
 from ..subspace import Subspace, compute_subspaces, random_subspaces, resolve_top_k, weight_matrix
 from .config import OffPrincipalConfig
 from .fingerprint import base_fingerprint, check_base_fingerprint, combine_fingerprints, stored_weight
-from .layer import Linear, OffPrincipalLayer, resolve_fan_in_fan_out
+from .layer import Linear, OffPrincipalLayer, decode_settings, resolve_fan_in_fan_out
 
 
 def max_principal_leak(model: nn.Module, adapter_name: str = "default") -> float:
@@ -215,20 +214,20 @@ class OffPrincipalModel(BaseTuner):
             if saved is None:
                 unchecked += 1
                 continue
-            k, side = (int(v) for v in saved.tolist())
-            if (k, side) != tuple(module.offprincipal_settings[adapter_name].tolist()):
-                live_k, live_sides = module.settings(adapter_name)
-                saved_sides = SIDES[side] if 0 <= side < len(SIDES) else f"<invalid {side}>"
-                mismatched.append(f"{name}: saved top_k={k}, sides={saved_sides!r}; here top_k={live_k}, sides={live_sides!r}")
+            saved_settings, live_settings = decode_settings(saved.tolist()), module.settings(adapter_name)
+            if saved_settings != live_settings:
+                mismatched.append(f"{name}: saved {_describe_settings(*saved_settings)}; here "
+                                  f"{_describe_settings(*live_settings)}")
         if mismatched:
             peft_config = getattr(model, "peft_config", {})
             if isinstance(peft_config, dict) and len(peft_config) > 1 and hasattr(model, "delete_adapter"):
                 model.delete_adapter(adapter_name)  # load_adapter added it next to others: take it out again
             more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
             raise ValueError(
-                f"OffPrincipal adapter {adapter_name!r}: its config gives other top_k or sides than the adapter was "
-                f"saved with, which would change ΔW — {'; '.join(mismatched[:3])}{more}. Load it with the "
-                "adapter_config.json it was saved with (unedited, no config= with other top_k, top_k_pattern or sides)."
+                f"OffPrincipal adapter {adapter_name!r}: its config gives other top_k, sides or basis than the adapter "
+                f"was saved with, which would change ΔW — {'; '.join(mismatched[:3])}{more}. Load it with the "
+                "adapter_config.json it was saved with (unedited, no config= with other top_k, top_k_pattern, sides, "
+                "basis or basis_seed)."
             )
         if unchecked:
             warnings.warn(
@@ -276,6 +275,8 @@ class OffPrincipalModel(BaseTuner):
             sides=config.sides,
             init=config.init,
             subspace=subspace,
+            basis=config.basis,
+            basis_seed=config.basis_seed,
         )
         if isinstance(target, OffPrincipalLayer):
             target.update_layer(adapter_name, inference_mode=config.inference_mode, **kwargs)
@@ -284,3 +285,8 @@ class OffPrincipalModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an additional adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+
+def _describe_settings(k: int, sides: str, basis: str, basis_seed: int) -> str:
+    seed = f", basis_seed={basis_seed}" if basis == "random" else ""
+    return f"top_k={k}, sides={sides!r}, basis={basis!r}{seed}"
