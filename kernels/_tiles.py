@@ -49,6 +49,13 @@ from offprincipal._sides import (
 __all__ = ["DEFAULT_PRECISION", "PRECISIONS", "check_precision"]
 
 
+NOT_SPECIALIZED = ("M", "RT", "QT")
+"""Integer arguments the kernels are not specialized on (``triton.jit(do_not_specialize=...)``): the row count and
+pass 1's rectangle size only bound loops and row masks, so a value of 1 or a multiple of 16 would only multiply the
+compiled variants (by matrix height and GPU size). N, K and the strides stay specialized: N's and the row stride's
+divisibility by 16 let the loads along a row be vectorized, and K is always a multiple of 16 (:func:`stored_k`)."""
+
+
 @triton.jit
 def load_tile(X, rows, cols, mask, s0, s1):
     """X[rows, cols] as fp32, 0 outside ``mask``; X has strides (s0, s1)."""
@@ -222,9 +229,23 @@ INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)  # its cost is per program: few, l
 
 
 def padded_k(k: int) -> int:
+    """Padded K of pass 1: the next power of two ≥ max(k, 16) (the width of its UᵀD accumulator)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"the fused kernels support 1 ≤ k ≤ {MAX_K} principal directions, got k = {k}")
     return max(16, triton.next_power_of_2(k))
+
+
+K_ALIGN = 16
+
+
+def stored_k(k: int) -> int:
+    """Columns of U and V as the kernels see them: k rounded up to a multiple of 16, the extra columns zero.
+
+    Zero columns change no result (they add exact zeros to every product, and the K chunks of both passes are the
+    same as for k), but a multiple of 16 lets the compiler prove the bases' rows 64-byte aligned: with k = 40 or 100
+    (not a multiple of 16) pass 1 spilled 8–40 B on sm_80 (benchmarks/results/kernels_sm90.md)."""
+    padded_k(k)
+    return -(-k // K_ALIGN) * K_ALIGN
 
 
 def block_k(k: int) -> int:
@@ -267,9 +288,10 @@ def rectangles(m: int, n: int, cfg: TileConfig, programs: int) -> tuple[int, int
 class Bases:
     """The bases, pass-1 partials and pass-2 coefficients of one projection of an (m, n) matrix.
 
-    ``U`` (m, k) and ``V`` (n, k) become contiguous fp32 on the matrix's device (an empty placeholder for an
-    unused side); ``CP`` (R, k, n) and ``DVP`` (Q, m, k) receive pass 1's partials, :meth:`combine_` sums them
-    into ``C`` (k, n) and ``DV`` (m, k).
+    ``U`` (m, K) and ``V`` (n, K) become contiguous fp32 on the matrix's device, K = :func:`stored_k` (k padded
+    with zero columns to a multiple of 16; an empty placeholder for an unused side); ``CP`` (R, K, n) and
+    ``DVP`` (Q, m, K) receive pass 1's partials, :meth:`combine_` sums them into ``C`` (K, n) and ``DV`` (m, K),
+    whose rows / columns past k are zero.
     """
 
     def __init__(self, shape: tuple[int, int], U: Optional[torch.Tensor], V: Optional[torch.Tensor], sides: str,
@@ -292,14 +314,14 @@ class Bases:
         if len(set(ks)) != 1 or ks[0] < 1:
             raise ValueError(f"U and V must have the same number k ≥ 1 of columns for {what}; got k = {ks}")
         self.k = k = ks[0]
-        padded_k(k)
-        self.U = U.to(device=device, dtype=torch.float32).contiguous() if self.left else self.placeholder
-        self.V = V.to(device=device, dtype=torch.float32).contiguous() if self.right else self.placeholder
+        self.K = K = stored_k(k)
+        self.U = _padded(U, K, device) if self.left else self.placeholder
+        self.V = _padded(V, K, device) if self.right else self.placeholder
         self.precision = check_precision(precision)
         self.reduce_cfg, self.apply_cfg = reduce_config(k, precision), apply_config(k, precision)
         self.R, self.Q, self.RT, self.QT = rectangles(m, n, self.reduce_cfg, target_programs(device))
-        self.CP = torch.empty(self.R, k, n, device=device, dtype=torch.float32) if self.left else self.placeholder
-        self.DVP = torch.empty(self.Q, m, k, device=device, dtype=torch.float32) if self.right else self.placeholder
+        self.CP = torch.empty(self.R, K, n, device=device, dtype=torch.float32) if self.left else self.placeholder
+        self.DVP = torch.empty(self.Q, m, K, device=device, dtype=torch.float32) if self.right else self.placeholder
         self.C = self.DV = self.placeholder
 
     def reduce_grid(self) -> tuple[int, int]:
@@ -317,19 +339,21 @@ class Bases:
 
     def combine_(self, all_reduce: Optional[AllReduce], extra_c=None, extra_dv=None) -> None:
         """Between the passes: sum the partials (fixed order), the shards (``all_reduce``) and the optional
-        exact additions (``extra_c`` k×n after the all-reduce, ``extra_dv`` m×k), then C ← C − (CV)Vᵀ when
-        both sides are projected."""
+        exact additions (``extra_c`` k×n after the all-reduce, ``extra_dv`` m×k, into the first k rows / columns),
+        then C ← C − (CV)Vᵀ when both sides are projected. The all-reduce gets C's first k rows (k×n, contiguous:
+        the padding rows are zero on every rank)."""
         m, n = self.shape
+        k = self.k
         if self.left:
-            self.C = self.CP.sum(0) if m else torch.zeros(self.k, n, device=self.CP.device)
+            self.C = self.CP.sum(0) if m else torch.zeros(self.K, n, device=self.CP.device)
             if all_reduce is not None:
-                all_reduce(self.C)
+                all_reduce(self.C[:k])
             if extra_c is not None:
-                self.C += extra_c
+                self.C[:k] += extra_c
         if self.right:
-            self.DV = self.DVP.sum(0) if n else torch.zeros(m, self.k, device=self.DVP.device)
+            self.DV = self.DVP.sum(0) if n else torch.zeros(m, self.K, device=self.DVP.device)
             if extra_dv is not None:
-                self.DV += extra_dv
+                self.DV[:, :k] += extra_dv
         if self.left and self.right:
             with fp32_matmuls(self.precision):
                 self.C -= (self.C @ self.V) @ self.V.T
@@ -341,6 +365,16 @@ class Bases:
     def apply_constexprs(self) -> dict:
         return dict(LEFT=self.left, RIGHT=self.right, BK=block_k(self.k), PRECISION=self.precision,
                     **self.apply_cfg.launch())
+
+
+def _padded(B: torch.Tensor, K: int, device: torch.device) -> torch.Tensor:
+    """B (rows, k) as contiguous fp32 on ``device`` with K − k zero columns appended (B itself when nothing changes)."""
+    B = B.to(device=device, dtype=torch.float32)
+    if B.shape[1] == K:
+        return B.contiguous()
+    out = torch.zeros(B.shape[0], K, device=device, dtype=torch.float32)
+    out[:, : B.shape[1]] = B
+    return out
 
 
 def check_device(what: str, t: torch.Tensor) -> None:

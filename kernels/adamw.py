@@ -35,11 +35,12 @@ import triton.language as tl
 from offprincipal._sides import DEFAULT_PRECISION, AllReduce, check_sides
 
 from ._tiles import (
-    Bases, apply_tile, check_device, load_tile, on_device, rectangle, reduce_tile, span, store_partial, store_tile,
-    tile_indices,
+    NOT_SPECIALIZED, Bases, apply_tile, check_device, load_tile, on_device, rectangle, reduce_tile, span, store_partial,
+    store_tile, tile_indices,
 )
 
 Scalar = Union[float, torch.Tensor]
+_SCALAR_POINTERS = ("HYPER", "OK")  # read one element at a time: their alignment would only multiply the variants
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _adam_direction(m, v, step_size, bc2_sqrt, eps):
     return tl.math.div_rn(m * step_size, denom)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED, do_not_specialize_on_alignment=_SCALAR_POINTERS)
 def _adamw_reduce_kernel(
     W, G, EXP_AVG, EXP_AVG_SQ, U, V, CP, DVP, HYPER, OK, M, N, K, RT, QT,
     sw0, sw1, sg0, sg1, sm0, sm1, sv0, sv1,
@@ -117,7 +118,7 @@ def _adamw_reduce_kernel(
             store_partial(CP, acc, cols, col_mask, N, K, r, KP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED, do_not_specialize_on_alignment=_SCALAR_POINTERS)
 def _adamw_apply_kernel(
     W, EXP_AVG, EXP_AVG_SQ, U, V, C, DV, HYPER, OK, M, N, K,
     sw0, sw1, sm0, sm1, sv0, sv1,
@@ -225,7 +226,7 @@ def projected_adamw_step_(
             ok_flag = ok.reshape(1) if ok.dtype == torch.int32 else ok.reshape(1).to(torch.int32)
         if param.numel():
             _adamw_reduce_kernel[bases.reduce_grid()](
-                param, grad, exp_avg, exp_avg_sq, *bases.reduce_args(), hyper, ok_flag, m, n, bases.k, bases.RT,
+                param, grad, exp_avg, exp_avg_sq, *bases.reduce_args(), hyper, ok_flag, m, n, bases.K, bases.RT,
                 bases.QT,
                 *param.stride(), *grad.stride(), *exp_avg.stride(), *exp_avg_sq.stride(),
                 one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
@@ -240,7 +241,7 @@ def projected_adamw_step_(
         bases.combine_(all_reduce, extra_c, extra_dv)
         if param.numel():
             _adamw_apply_kernel[bases.apply_grid()](
-                param, exp_avg, exp_avg_sq, *bases.apply_args(), hyper, ok_flag, m, n, bases.k,
+                param, exp_avg, exp_avg_sq, *bases.apply_args(), hyper, ok_flag, m, n, bases.K,
                 *param.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), HAS_WD=has_wd, **scalars,
                 **bases.apply_constexprs(),
             )

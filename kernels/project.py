@@ -16,12 +16,12 @@ import triton.language as tl
 from offprincipal._sides import DEFAULT_PRECISION, AllReduce, check_sides
 
 from ._tiles import (
-    Bases, apply_tile, check_device, load_tile, on_device, rectangle, reduce_tile, span, store_partial, store_tile,
-    tile_indices,
+    NOT_SPECIALIZED, Bases, apply_tile, check_device, load_tile, on_device, rectangle, reduce_tile, span, store_partial,
+    store_tile, tile_indices,
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _project_reduce_kernel(
     D, U, V, CP, DVP, M, N, K, s0, s1, RT, QT,
     LEFT: tl.constexpr, RIGHT: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
@@ -41,7 +41,7 @@ def _project_reduce_kernel(
             store_partial(CP, acc, cols, col_mask, N, K, r, KP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _project_apply_kernel(
     D, U, V, C, DV, M, N, K, s0, s1,
     LEFT: tl.constexpr, RIGHT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
@@ -80,12 +80,12 @@ def project_(
     with on_device(D):
         if D.numel():
             _project_reduce_kernel[bases.reduce_grid()](
-                D, *bases.reduce_args(), m, n, bases.k, D.stride(0), D.stride(1), bases.RT, bases.QT,
+                D, *bases.reduce_args(), m, n, bases.K, D.stride(0), D.stride(1), bases.RT, bases.QT,
                 **bases.reduce_constexprs(),
             )
         bases.combine_(all_reduce)
         if D.numel():
             _project_apply_kernel[bases.apply_grid()](
-                D, *bases.apply_args(), m, n, bases.k, D.stride(0), D.stride(1), **bases.apply_constexprs()
+                D, *bases.apply_args(), m, n, bases.K, D.stride(0), D.stride(1), **bases.apply_constexprs()
             )
     return D

@@ -22,8 +22,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def adam_scalars(step: float, lr: float, beta1: float, beta2: float, weight_decay: float) -> tuple[float, float, float]:
     """Host-side AdamW constants for 1-based ``step``, in torch AdamW's arithmetic (Python floats):
-    ``step_size = lr / (1 − β1ᵗ)``, ``bc2_sqrt = (1 − β2ᵗ)^½``, ``lr_wd = lr · weight_decay``."""
-    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, lr * weight_decay
+    ``step_size = lr / (1 − β1ᵗ)``, ``bc2_sqrt = (1 − β2ᵗ)^½``, ``lr_wd = lr · weight_decay``. ``step`` and ``lr``
+    may be 0-d tensors (the results are then tensors); ``lr_wd`` is the number 0.0 whenever ``weight_decay`` is 0,
+    so that a tensor ``lr`` does not make the fused step read W to add zero."""
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, (lr * weight_decay if weight_decay else 0.0)
 
 
 def adamw_update_(
