@@ -165,9 +165,16 @@ LAUNCHES = [
     "2 kernels plus ~5 small torch ops (partial sums, C′ = C − (CV)Vᵀ, weight-decay terms), ≈ 7 launches × ~4 µs "
     "of CPU time ≈ 0.2 ms per block against a predicted 2.3 ms of memory traffic (k = 64, H100); the GPU-side gaps "
     "between dependent kernels are ~1–2 µs each. Pass 1 already fills the GPU with ≈ 2 programs per SM for one "
-    "4096² matrix, pass 2 with thousands of tiles, so grouping does not add parallelism. The step's scalars can "
-    "live on the device (no host sync), so a CUDA graph of the whole optimizer step removes the CPU launch cost "
-    "without grouping. `benchmarks/gpu.sh` measures the step against this model; grouping is worth its "
+    "4096² matrix, pass 2 with thousands of tiles, so grouping does not add parallelism. "
+    "`OffPrincipalAdamW(capturable=True)` makes the whole optimizer step capturable in a CUDA graph, which removes "
+    "the CPU launch cost without grouping: every step count on the device, torch's capturable AdamW for the "
+    "unprojected parameters, no host read or host allocation in `step()`, the non-finite warnings deferred to "
+    "`report_nonfinite()` (tests/test_capturable.py: on CPU with every host-read method made to raise; capture and "
+    "replay against eager steps on a CUDA GPU, run by `benchmarks/gpu.sh`, not yet run on one). Not capturable: "
+    "the default `capturable=False` step (its non-finite report copies the flags to pinned host memory behind a "
+    "CUDA event, and unprojected parameters use torch's non-capturable AdamW with host step counts), and "
+    "`OffPrincipalOptimizer` (it reads a finite flag per weight to restore a non-finite update). "
+    "`benchmarks/gpu.sh` measures the eager step against this model; grouping is worth its "
     "complexity only if the measured gap exceeds the launch estimate.", "",
 ]
 

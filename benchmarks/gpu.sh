@@ -11,6 +11,8 @@
 #      and this checkout (kernels/ becomes offprincipal.kernels) into OUTDIR/site unless it is importable already.
 #   2. tests_kernels.txt: the kernel tests (fp32, both sides: every k class vs the fp64/torch references, determinism,
 #      weight decay from the invariants, device-tensor scalars).
+#   2b. tests_capturable.txt: OffPrincipalAdamW(capturable=True) — one step captured in a CUDA graph (torch.cuda.graph),
+#      replayed with new gradients against eager steps, a NaN during a replay skipped and reported afterwards.
 #   3. kernels_cuda.md: bench_kernels.py — fp64-reference check of each precision, then the projected step and
 #      the projection at k ∈ {16, 64, 256} vs torch fused AdamW and the plain-torch projection on a Llama-7B
 #      block, beside the roofline's prediction.
@@ -97,6 +99,7 @@ if [[ $DRY == 1 ]]; then export TRITON_INTERPRET=1; TEST_FILTER="deterministic";
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
   step tests_kernels 150 "$PY" -m pytest -q -p no:cacheprovider -x "$ROOT/tests/test_kernels.py" \
     -k "$TEST_FILTER"
+  step tests_capturable 120 "$PY" -m pytest -q -p no:cacheprovider -x "$ROOT/tests/test_capturable.py"
 else
   echo "tests_kernels: skipped (no pytest)" | tee -a "$SUMMARY" >&2
 fi

@@ -353,9 +353,12 @@ else:
             runs.append(params["b"].detach().clone())
         assert torch.equal(runs[0], runs[1]), "the other matrix steps as without the skipped one"
 
-    def test_optimizer_precision_and_weight_decay_on_the_fused_path():
-        """OffPrincipalAdamW(backend="triton", precision=...) with weight decay (its cached (UᵀW, WV)) follows the
-        torch backend; a bad precision is refused at construction."""
+    @pytest.mark.parametrize("weight_decay,lr_tensor", [(0.1, False), (0.0, False), (0.0, True), (0.1, True)],
+                             ids=["wd", "no-wd", "no-wd-lr-tensor", "wd-lr-tensor"])
+    def test_optimizer_precision_and_weight_decay_on_the_fused_path(weight_decay, lr_tensor):
+        """OffPrincipalAdamW(backend="triton", precision=...) — its real launches: step counts as device tensors,
+        weight decay from its cached (UᵀW, WV) or none, lr a number or a tensor — follows the torch backend, at
+        k = 5 and n = 36 (not multiples of 16); a bad precision is refused at construction."""
         from offprincipal.optim import OffPrincipalAdamW
 
         gen = torch.Generator().manual_seed(2)
@@ -363,8 +366,9 @@ else:
         runs = {}
         for backend in ("triton", "torch"):
             p = torch.nn.Parameter(W0.clone())
-            opt = OffPrincipalAdamW([("w", p)], lr=1e-2, weight_decay=0.1, top_k=5, cache_dir=False, progress=False,
-                                    backend=backend, precision="ieee")
+            lr = torch.tensor(1e-2, device=DEVICE) if lr_tensor else 1e-2
+            opt = OffPrincipalAdamW([("w", p)], lr=lr, weight_decay=weight_decay, top_k=5, cache_dir=False,
+                                    progress=False, backend=backend, precision="ieee")
             g = torch.Generator().manual_seed(3)
             for _ in range(3):
                 p.grad = torch.randn(p.shape, generator=g).to(DEVICE)

@@ -23,7 +23,7 @@ def test_gpu_script_dry_run(tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     summary = (tmp_path / "summary.txt").read_text()
     assert result.returncode == 0, f"{summary}\n{result.stderr[-4000:]}"
-    for step in ("tests_kernels", "kernels", "subspaces"):
+    for step in ("tests_kernels", "tests_capturable", "kernels", "subspaces"):
         assert f"{step}: rc=0" in summary, summary
     assert "Triton fused" in (tmp_path / "kernels_smoke.md").read_text()
     assert (tmp_path / "subspaces_llama7b_cpu.md").exists() and (tmp_path / "env.txt").exists()

@@ -33,6 +33,9 @@ What is checked (nothing is trusted because of its name or key):
   ``RuntimeWarning`` names it; weight, moments and step count stay as they were), since projecting a NaN
   update would spread it over the whole matrix. The check and the skip run on the device (no host
   synchronisation in ``step()``); on CUDA the warning comes at a later step or from ``report_nonfinite()``.
+  ``OffPrincipalAdamW(capturable=True)``: the step can be captured in a CUDA graph (device step counts, torch's
+  capturable AdamW for unprojected parameters, no host read or host allocation; skips are counted on the device and
+  reported by ``report_nonfinite()`` only).
   Unprojected parameters follow torch AdamW (entrywise).
 
 Modules: :mod:`.update` (the update function), :mod:`.bases` (:class:`PrincipalBases`, shared by both optimizers),

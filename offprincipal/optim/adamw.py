@@ -63,6 +63,17 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
     are copied asynchronously to pinned host memory behind a CUDA event, and the warning is emitted at the
     beginning of a later ``step()`` once that event has completed (pending otherwise), or by
     :meth:`report_nonfinite`, which waits for the copies. Unprojected parameters follow torch AdamW.
+
+    ``capturable=True`` (torch AdamW's flag, per param group): ``step()`` can be captured in a CUDA graph
+    (``torch.cuda.graph``) and replayed. Every step count lives on its parameter's device, unprojected parameters
+    step through torch's capturable AdamW code, and ``step()`` reads nothing back to the host and allocates no host
+    memory: the non-finite flags are added into a device counter per projected weight, and the warnings come only
+    from :meth:`report_nonfinite` (call it outside the graph, e.g. at logging steps). Capture needs what torch's
+    capturable AdamW needs: the state made by one or more eager steps first (warm-up, which also compiles the
+    kernels), the same parameters with gradients at every replay, and ``lr`` a number fixed at capture or a
+    device tensor updated in place. As in torch, ``capturable=True`` needs parameters on a CUDA (or other
+    capturable) device. :class:`OffPrincipalOptimizer` is not capturable (it reads a flag per weight to restore
+    non-finite updates).
     """
 
     def __init__(
@@ -77,6 +88,7 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        capturable: bool = False,
         options: Optional[ProjectionOptions] = None,
         subspaces: Optional[BasesInput] = None,
         master_weights: bool = False,
@@ -86,24 +98,27 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
         if amsgrad:
             raise ValueError("OffPrincipalAdamW does not implement amsgrad; use amsgrad=False")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                         foreach=foreach, fused=fused)
+                         foreach=foreach, fused=fused, capturable=capturable)
         named = _named_params(self.param_groups, "OffPrincipalAdamW")
         self.options = options
         self._wd_cache: dict = {}
         self.master_weights = master_weights
         self.bases = PrincipalBases.build("OffPrincipalAdamW", named, options, subspaces)
         self._nonfinite_pending: list = []  # (CUDA event or None, host flags, names), oldest first
+        self._nonfinite_counts: dict = {}  # capturable groups: names → device int32 counts of skipped steps
         self._defer_nonfinite: Optional[bool] = None  # None: defer on CUDA only; True: also on CPU (tests)
 
     def _init_state(self, p: torch.Tensor, group: dict, step_on_device: bool = False) -> dict:
         """torch AdamW's lazy state (same keys, dtypes and devices), plus the fp32 master copy when enabled.
         ``step_on_device``: the step count lives on the parameter's device (projected weights: it is advanced by
-        a device-side flag), as in torch's capturable AdamW; a count loaded elsewhere is moved there once."""
+        a device-side flag), as in torch's capturable AdamW; a count loaded elsewhere is moved there once. Groups with
+        ``capturable`` or ``fused`` keep every count there, as torch does."""
         state = self.state[p]
+        step_on_device = step_on_device or group["capturable"] or group["fused"]
         if not state:
             state["step"] = (
                 torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
-                if group["fused"] or step_on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
+                if step_on_device else torch.tensor(0.0, dtype=_get_scalar_dtype())
             )
             target = p
             if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
@@ -116,8 +131,18 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
 
     def report_nonfinite(self) -> list[str]:
         """Wait for the pending non-finite flags (a host synchronisation on CUDA), emit one ``RuntimeWarning`` per
-        skipped weight and step not reported yet, and return those weights' names (oldest step first)."""
-        return self._report_nonfinite(wait=True)
+        skipped weight and step not reported yet, and return those weights' names (oldest step first). Capturable
+        groups: their device counters are read (a host synchronisation) and reset, one warning per weight that
+        skipped since the last report (saying how many steps), its name once in the list, after the others."""
+        skipped = self._report_nonfinite(wait=True)
+        for names, counts in self._nonfinite_counts.items():
+            for name, count in zip(names, counts.tolist()):
+                if count:
+                    skipped.append(name)
+                    _warn_nonfinite("OffPrincipalAdamW", name, f"{count} step(s) skipped since the last report: "
+                                    "weight, moments and step count unchanged by them")
+            counts.zero_()
+        return skipped
 
     def _report_nonfinite(self, wait: bool) -> list[str]:
         """Warn for the pending flags whose copy has completed (all of them with ``wait``), in step order."""
@@ -136,10 +161,17 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
                                     "its step is skipped: weight, moments and step count unchanged")
         return skipped
 
-    def _record_nonfinite(self, flags: torch.Tensor, names: list[str]) -> None:
-        """Queue the device flags of one group's step for reporting (CUDA: asynchronous copy to pinned memory
-        behind an event; CPU: reported now unless deferral is forced)."""
-        if flags.is_cuda:
+    def _record_nonfinite(self, flags: torch.Tensor, names: list[str], capturable: bool) -> None:
+        """Queue the device flags of one group's step for reporting (capturable: added into a device counter of
+        skipped steps, in place; CUDA: asynchronous copy to pinned memory behind an event; CPU: reported now unless
+        deferral is forced)."""
+        if capturable:
+            key = tuple(names)
+            counts = self._nonfinite_counts.get(key)
+            if counts is None:  # the first step with this set of weights (a warm-up step, before any capture)
+                counts = self._nonfinite_counts[key] = torch.zeros_like(flags)
+            counts.sub_(flags).add_(1)
+        elif flags.is_cuda:
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
@@ -154,6 +186,8 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
     def step(self, closure=None):
         """One step over every parameter with a gradient (parameters whose ``grad`` is None are skipped)."""
         loss = None
+        health_check = getattr(self, "_accelerator_graph_capture_health_check", None)  # torch < 2.12: the cuda one
+        (health_check or self._cuda_graph_capture_health_check)()  # capture with capturable=False: torch's error
         if self._nonfinite_pending:
             self._report_nonfinite(wait=False)
         if closure is not None:
@@ -186,8 +220,9 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
                 _torch_adam(
                     *plain[:4], [], plain[4], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-                    foreach=group["foreach"], fused=group["fused"], capturable=False, differentiable=False,
-                    has_complex=any(torch.is_complex(t) for t in plain[0]), decoupled_weight_decay=True,
+                    foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
+                    differentiable=False, has_complex=any(torch.is_complex(t) for t in plain[0]),
+                    decoupled_weight_decay=True,
                 )
             if not projected:
                 continue
@@ -206,7 +241,7 @@ class OffPrincipalAdamW(_ProjectionOptionsView, torch.optim.AdamW):
                     backend=self.backend, precision=self.precision,
                     wd_terms=self._wd_terms(name, shard, U, V, group["weight_decay"]), ok=ok,
                 )
-            self._record_nonfinite(finite, [name for name, *_ in projected])
+            self._record_nonfinite(finite, [name for name, *_ in projected], group["capturable"])
             for p, master in mastered:
                 p.copy_(master)
         return loss
