@@ -41,6 +41,8 @@ class OffPrincipalOptimizer(_ProjectionOptionsView, torch.optim.Optimizer):
     ``param_names`` (when it was built from named parameters); each name once. ``add_param_group`` takes named
     parameters and gives them bases. A projected weight whose update Δ has a non-finite entry is restored to
     its value before the step, with a ``RuntimeWarning`` (the base optimizer's own state has already stepped).
+    That check reads one flag per weight back to the host, so the wrapped step cannot be captured in a CUDA graph
+    (``OffPrincipalAdamW(capturable=True)`` can).
 
     ``options`` / ``**projection_kwargs`` and ``subspaces``: as in :class:`OffPrincipalAdamW` (validated before the
     base optimizer is touched).
