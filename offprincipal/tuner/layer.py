@@ -41,10 +41,9 @@ def encode_settings(k: int, sides: str, basis: str = "top", basis_seed: int = 0)
 
 
 def decode_settings(values: list) -> tuple[int, str, str, int]:
-    """(k, sides, basis, basis_seed) from :func:`encode_settings`'s record; a 2-entry record (k, sides: saved
-    before the basis kind was recorded) means top-k bases. Out-of-range indices read as ``"<invalid i>"``."""
-    values = [int(v) for v in values] + [0, 0][: max(0, 4 - len(values))]
-    k, side, basis, seed = values[:4]
+    """(k, sides, basis, basis_seed) from :func:`encode_settings`'s record. Out-of-range indices read as
+    ``"<invalid i>"``."""
+    k, side, basis, seed = (int(v) for v in values)
 
     def name(table, i):
         return table[i] if 0 <= i < len(table) else f"<invalid {i}>"
