@@ -9,7 +9,8 @@ suite resumes after an interruption). Run folders (logs, metrics, reports; weigh
 go to ``runs/rlvr/<suite>/`` (not committed). ``benchmarks/rlvr_report.py`` turns the records into report.md.
 A record carries the per-prompt 0/1 outcomes of the base model and of the run (lenient and strict scoring) and names
 the run's completions, kept beside it as ``<run_id>.completions.jsonl.gz``. Arms beyond the default plan are named
-with ``--arm METHOD[:lr=LR][:k=K][:seeds=N]`` (e.g. the controls of issue 18).
+with ``--arm METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD]`` (e.g. the controls of issue 18; a tag re-runs an arm
+under its own run ids, e.g. to record what its old records lack).
 
 Learning rates: a sweep on seed 0 for ``lora``, ``offprincipal`` and ``full`` picks, per swept method, the rate with
 the highest mean training reward over all steps (never the held-out set); the other methods take the rate of their
@@ -27,6 +28,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,31 +91,42 @@ class Suite:
         return {key: getattr(self, key) for key in keys}
 
 
+def _tag(value: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9]*", value):
+        raise ValueError(value)
+    return value
+
+
 @dataclass(frozen=True)
 class ExtraArm:
     """An arm named on the command line: a method of the registry at a rate (default: the method's default rate)
-    and top-k (default: the suite's), with seeds 0 … seeds-1 (default: the suite's ``seeds``)."""
+    and top-k (default: the suite's), with seeds 0 … seeds-1 (default: the suite's ``seeds``). A ``tag`` makes a
+    second arm of the same settings with its own run ids (``…-s0-TAG``) and name (``"offprincipal rerun"``): a
+    re-run of an arm whose old records lack fields that later code records (e.g. per-prompt outcomes)."""
 
     method: str
     lr: Optional[float] = None
     top_k: Optional[int] = None
     seeds: Optional[int] = None
+    tag: Optional[str] = None
 
     def name(self, suite: "Suite") -> str:
-        """``method``, then `` lr=…`` when a rate is given and `` k=…`` when k differs from the suite's (the names
-        the report's arm rules know: "lora lr=0.0001", "offprincipal k=8")."""
+        """``method``, then `` lr=…`` when a rate is given, `` k=…`` when k differs from the suite's and `` TAG``
+        (the names the report's arm rules know: "lora lr=0.0001", "offprincipal k=8", "offprincipal rerun")."""
         return (self.method + ("" if self.lr is None else f" lr={self.lr:g}")
-                + ("" if self.top_k in (None, suite.top_k) else f" k={self.top_k}"))
+                + ("" if self.top_k in (None, suite.top_k) else f" k={self.top_k}")
+                + ("" if self.tag is None else f" {self.tag}"))
 
     def specs(self, suite: "Suite", order: int) -> list["RunSpec"]:
         lr = self.lr if self.lr is not None else get_method(self.method).default_lr
         seeds = self.seeds if self.seeds is not None else suite.seeds
-        return [RunSpec(self.method, seed, lr, self.top_k or suite.top_k, self.name(suite), extra=order)
-                for seed in range(seeds)]
+        return [RunSpec(self.method, seed, lr, self.top_k or suite.top_k, self.name(suite), extra=order,
+                        tag=self.tag or "") for seed in range(seeds)]
 
     @classmethod
     def parse(cls, text: str) -> "ExtraArm":
-        """``METHOD[:lr=LR][:k=K][:seeds=N]`` → an ExtraArm; SystemExit naming the flag and the form otherwise."""
+        """``METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD]`` → an ExtraArm; SystemExit naming the flag and the form
+        otherwise."""
         method, *options = text.split(":")
         method = canonical_name(method)
         if method not in METHODS:
@@ -121,12 +134,13 @@ class ExtraArm:
         values = {}
         for option in options:
             key, _, value = option.partition("=")
-            kind = {"lr": float, "k": int, "seeds": int}.get(key)
+            kind = {"lr": float, "k": int, "seeds": int, "tag": _tag}.get(key)
             try:
                 values[{"k": "top_k"}.get(key, key)] = kind(value)
             except (TypeError, ValueError):
-                raise SystemExit(f"rlvr: --arm {text!r}: expected METHOD[:lr=LR][:k=K][:seeds=N], e.g. "
-                                 "lora:lr=1e-4:seeds=2 or offprincipal:k=8:seeds=2") from None
+                raise SystemExit(f"rlvr: --arm {text!r}: expected METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD] (WORD: "
+                                 "lower-case letters and digits), e.g. lora:lr=1e-4:seeds=2, offprincipal:k=8:seeds=2 "
+                                 "or offprincipal:seeds=3:tag=rerun") from None
         return cls(method, **values)
 
 
@@ -143,10 +157,12 @@ class RunSpec:
     fixed_lr: bool = False  # an arm of Suite.fixed_lr (its own run ids: seed 0 may repeat a sweep run, on purpose)
     stability: bool = False  # a run of the stability sweep (Suite.stability) that the comparison does not have
     extra: int = -1  # position of its arm in Suite.extra (-1: not an extra arm)
+    tag: str = ""  # of an ExtraArm: its run ids end in -TAG
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}-k{self.top_k}-lr{self.lr:g}-s{self.seed}" + ("-fixed" if self.fixed_lr else "")
+        return (f"{self.method}-k{self.top_k}-lr{self.lr:g}-s{self.seed}" + ("-fixed" if self.fixed_lr else "")
+                + (f"-{self.tag}" if self.tag else ""))
 
     @property
     def role(self) -> str:
@@ -608,10 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stability sweep: each method at each rate, --stability-seeds seeds (runs the comparison "
                         "already has are not repeated), e.g. offprincipal=2e-4,1e-3,3e-3 lora=2e-4,1e-3,3e-3")
     g.add_argument("--stability-seeds", type=int, default=None, help="seeds of the stability sweep (default: 2)")
-    g.add_argument("--arm", nargs="+", default=None, metavar="METHOD[:lr=LR][:k=K][:seeds=N]",
+    g.add_argument("--arm", nargs="+", default=None, metavar="METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD]",
                    help="extra arms, run after the others in the order given, e.g. offprincipal-random:seeds=3 "
                         "lora:lr=1e-4:seeds=2 offprincipal:k=8:seeds=2 (rate: the method's default; k: --top-k; "
-                        "seeds: --seeds)")
+                        "seeds: --seeds; tag: a second arm of the same settings under run ids ending in -TAG, e.g. "
+                        "offprincipal:seeds=3:tag=rerun)")
     return p
 
 

@@ -191,6 +191,22 @@ def test_stability_rates_are_checked(item, match):
         rlvr._suite_from(rlvr.build_parser().parse_args(["run", "--stability", item]))
 
 
+def test_a_tagged_arm_reruns_existing_runs_under_its_own_ids_and_name():
+    """offprincipal:seeds=3:tag=rerun plans the three seeds of the offprincipal arm again (a record of the untagged
+    run does not count as done), named "offprincipal rerun", run ids ending in -rerun."""
+    rlvr = load_script("rlvr")
+    args = rlvr.build_parser().parse_args(["run", "--methods", "offprincipal", "--sweep", "--single-seeds", "0",
+                                           "--ablation-top-k", "--fixed-lr", "--seeds", "3",
+                                           "--arm", "offprincipal:seeds=3:tag=rerun"])
+    specs = rlvr.plan(rlvr._suite_from(args), {})
+    main = [s for s in specs if s.arm == "offprincipal"]
+    rerun = [s for s in specs if s.extra >= 0]
+    assert [s.run_id for s in main] == [f"offprincipal-k32-lr0.0002-s{i}" for i in range(3)]
+    assert [s.run_id for s in rerun] == [f"offprincipal-k32-lr0.0002-s{i}-rerun" for i in range(3)]
+    assert {s.arm for s in rerun} == {"offprincipal rerun"} and {s.role for s in rerun} == {"main"}
+    assert [(s.method, s.seed, s.lr, s.top_k) for s in rerun] == [(s.method, s.seed, s.lr, s.top_k) for s in main]
+
+
 def test_extra_arms_are_planned_after_the_others_in_the_order_given():
     """The suite command of issue 18: its 13 runs, in its order, with the arm names the report knows."""
     rlvr = load_script("rlvr")
@@ -209,6 +225,7 @@ def test_extra_arms_are_planned_after_the_others_in_the_order_given():
     assert extra[0].run_id == "offprincipal-random-k32-lr0.0002-s0" and extra[7].run_id == "offprincipal-k8-lr0.0002-s0"
     assert {s.role for s in extra} == {"main"}
     for bad, match in (("nonsense:seeds=2", "not a method"), ("lora:lr=fast", "METHOD\\[:lr=LR\\]"),
-                       ("lora:depth=2", "METHOD\\[:lr=LR\\]")):
+                       ("lora:depth=2", "METHOD\\[:lr=LR\\]"), ("lora:tag=Re run", "tag=WORD"),
+                       ("lora:tag=", "tag=WORD")):
         with pytest.raises(SystemExit, match=match):
             rlvr.ExtraArm.parse(bad)
