@@ -266,6 +266,32 @@ def _outcomes_by_seed(records, arm: str, field: str = "correct_after") -> dict:
     return {r.get("seed"): r[field] for r in records if r.get("role") == "main" and r["arm"] == arm and r.get(field)}
 
 
+def outcome_arm(records, arm: str) -> str:
+    """``arm``, or the arm that re-ran it under a tag (``rlvr.py --arm offprincipal:tag=rerun`` → "offprincipal
+    rerun") when only the re-run has per-prompt outcomes: the pairings then use the re-run."""
+    if _outcomes_by_seed(records, arm):
+        return arm
+    reruns = sorted({r["arm"] for r in records if r["arm"].startswith(arm + " ")
+                     and re.fullmatch(r"[a-z][a-z0-9]*", r["arm"][len(arm) + 1:]) and _outcomes_by_seed(records, r["arm"])})
+    return reruns[0] if reruns else arm
+
+
+def _rerun_line(records, arm: str, rerun: str) -> str:
+    """The accuracies of a re-run beside the original runs, seed by seed, with the commits that ran them."""
+    def by_seed(name):
+        return {r["seed"]: r for r in records if r.get("role") == "main" and r["arm"] == name}
+    old, new = by_seed(arm), by_seed(rerun)
+    seeds = sorted(set(old) & set(new))
+    if not seeds:
+        return ""
+    pairs = ", ".join(f"seed {s}: {_value(old[s]['accuracy_after'], 'accuracy_after')} → "
+                      f"{_value(new[s]['accuracy_after'], 'accuracy_after')}%" for s in seeds)
+    commits = lambda runs: ", ".join(sorted({str(r.get("commit", "?"))[:7] for r in runs}))
+    return (f"The pairing uses **{rerun}**, {arm} run again at the same settings and seeds so that it has per-prompt "
+            f"outcomes (its first records predate them). Held-out accuracy, first run → re-run: {pairs} (commits "
+            f"{commits(old[s] for s in seeds)} → {commits(new[s] for s in seeds)}).")
+
+
 def paired(records, a: str, b: str):
     """Arm ``a`` minus arm ``b`` on held-out accuracy over the seeds both ran with per-prompt outcomes:
     (:func:`~offprincipal.experiment.stats.paired_bootstrap` estimate, McNemar p, seeds), or None."""
@@ -284,6 +310,7 @@ def _pp(est) -> str:
 def _paired_section(records, summary) -> str:
     arms = [e["arm"] for e in summary]
     with_outcomes = [arm for arm in arms if _outcomes_by_seed(records, arm)]
+    references = [outcome_arm(records, ref) for ref in REFERENCE_ARMS]
     rows = []
     for arm in with_outcomes:
         base = _outcomes_by_seed(records, arm, "correct_before")
@@ -293,7 +320,7 @@ def _paired_section(records, summary) -> str:
             gain = paired_bootstrap([after[s] for s in seeds], [base[s] for s in seeds])
             rows.append([arm, "base model", ", ".join(map(str, seeds)), _pp(gain),
                          f"{mcnemar_p([after[s] for s in seeds], [base[s] for s in seeds]):.2g}"])
-        for ref in REFERENCE_ARMS:
+        for ref in references:
             if ref != arm and ref in with_outcomes and (result := paired(records, arm, ref)):
                 est, p_value, seeds = result
                 rows.append([arm, ref, ", ".join(map(str, seeds)), _pp(est), f"{p_value:.2g}"])
@@ -302,7 +329,7 @@ def _paired_section(records, summary) -> str:
              "Held-out accuracy of one arm minus another on the same prompts at the same seeds: the mean over seeds × "
              "prompts of the per-prompt difference, with a two-stage bootstrap interval (seeds, then prompts, "
              "resampled; 10,000 draws) and the exact McNemar p over the discordant (seed, prompt) pairs. Every arm "
-             "with per-prompt outcomes is paired with the base model and with " + " and ".join(REFERENCE_ARMS) + "."]
+             "with per-prompt outcomes is paired with the base model and with " + " and ".join(references) + "."]
     parts.append(_table(["arm", "minus", "seeds", "difference (pp, 95% CI)", "McNemar p"], rows) if rows else
                  "No arm has per-prompt outcomes yet.")
     if without:
@@ -348,12 +375,16 @@ def _geometry_section(records, summary) -> str:
         missing = ", ".join(arm for arm in GEOMETRY if arm not in arms)
         return "\n\n".join(head + [f"**Not yet run**: no records of {missing}. The planned runs are under "
                                     "\"Controls (issue 18)\" in the notes."])
+    original, ours = ours, outcome_arm(records, ours)
     result = paired(records, ours, control)
+    if ours != original:
+        head.append(_rerun_line(records, original, ours))
     if result is not None:
         est, p_value, seeds = result
         how = (f"paired over {len(seeds)} seed(s) × {est.n // len(seeds)} prompts (two-stage bootstrap; "
                f"McNemar p = {p_value:.2g})")
     else:
+        ours = original  # no pairing: the arm itself, over all its seeds
         est = _welch(records, ours, control, "accuracy_after")
         if est is None:
             return "\n\n".join(head + ["Fewer than 2 seeds on a side and no shared per-prompt outcomes: no interval "

@@ -341,6 +341,28 @@ def test_geometry_falls_back_to_welch_when_one_arm_lacks_outcomes(tmp_path):
     assert "left out: offprincipal" in report
 
 
+def test_geometry_pairs_the_rerun_of_an_arm_whose_records_lack_outcomes(tmp_path):
+    """offprincipal's records predate per-prompt outcomes; its re-run ("offprincipal rerun", rlvr.py :tag=rerun)
+    has them, so the geometry question and the reference pairings use the re-run, and the report shows the re-run's
+    accuracies beside the first runs'."""
+    records = [make_record("offprincipal", s, a, commit="980e0cd") for s, a in enumerate([0.365, 0.37, 0.36])]
+    records += outcome_records("offprincipal rerun", [0.40, 0.42, 0.41], method="offprincipal", commit="651c5f4")
+    records += outcome_records("offprincipal-random", [0.30, 0.31, 0.29])
+    report = rlvr_report.write_report(write_suite(tmp_path / "s", records)).read_text()
+    geometry = report.split("## Is it the geometry?")[1].split("\n## ")[0]
+    line = geometry.split("offprincipal rerun minus offprincipal-random, held-out accuracy: ")[1]
+    assert line.startswith("+11.0 (95% CI +") and "paired over 3 seed(s) × 200 prompts" in line
+    assert "seed 0: 36.5 → 40.0%, seed 1: 37.0 → 42.0%, seed 2: 36.0 → 41.0% (commits 980e0cd → 651c5f4)" in geometry
+    paired = report.split("## Paired tests over seeds × prompts")[1].split("\n## ")[0]
+    assert "| offprincipal-random | offprincipal rerun | 0, 1, 2 | -11.0 (95% CI" in paired
+    # a re-run without outcomes is not preferred: the arm's own Welch interval over its seeds stays
+    records = [r for r in records if r["arm"] != "offprincipal rerun"]
+    records += [make_record("offprincipal rerun", 0, 0.9, method="offprincipal")]
+    geometry = rlvr_report.write_report(write_suite(tmp_path / "t", records)).read_text().split(
+        "## Is it the geometry?")[1].split("\n## ")[0]
+    assert "offprincipal minus offprincipal-random" in geometry and "Welch's interval" in geometry
+
+
 def test_paired_gain_over_the_base_model(tmp_path):
     base = [1] * 40 + [0] * 160  # 20% on the same prompts
     records = outcome_records("lora", [0.20, 0.20], base=base)
