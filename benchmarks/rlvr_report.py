@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 from collections import defaultdict
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from offprincipal.experiment.methods import METHODS, canonical_name
 from offprincipal.experiment.stats import mcnemar_p, paired_bootstrap, welch_interval
-from offprincipal.files import write_text_atomic
+from offprincipal.files import atomic_file, write_text_atomic
 from offprincipal.experiment.report import PLOTS, markdown_table as _table, pyplot as _pyplot
 
 # the registry's order, with the full-parameter reference arms first
@@ -393,10 +392,10 @@ def _geometry_section(records, summary) -> str:
                "issue 18), so no pairing over prompts is possible")
     line = f"{ours} minus {control}, held-out accuracy: {_pp(est)} pp, {how}."
     if est.low > 0:
-        verdict = (f"**Yes, on this evidence: keeping updates off the principal directions beats keeping them off a "
-                   f"random subspace of the same size** (the interval excludes 0).")
+        verdict = ("**Yes, on this evidence: keeping updates off the principal directions beats keeping them off a "
+                   "random subspace of the same size** (the interval excludes 0).")
     elif est.high < 0:
-        verdict = f"**No: the random subspace does better** (the interval lies below 0)."
+        verdict = "**No: the random subspace does better** (the interval lies below 0)."
     else:
         verdict = (f"**Not shown**: {ours} and {control} cannot be told apart (the interval covers 0), so the gain "
                    "cannot be credited to the principal geometry on this evidence.")
@@ -664,11 +663,12 @@ def _stability_section(records, plots: Path) -> str | None:
 
 def _save(fig, path: Path) -> Path:
     """Save a figure as PNG through a temporary sibling and a rename, then close it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format="png")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _pyplot().close(fig)
     return path
 
 

@@ -1,7 +1,8 @@
 """Writing files and folders without ever leaving them half-written, and without touching what is not ours.
 
-- :func:`write_bytes_atomic` / :func:`write_text_atomic` / :func:`write_json`: write to a temporary file in the same folder, then
-  ``os.replace`` it into place (readers see the old file or the new one, never a part); :func:`to_json` is the
+- :func:`atomic_file`: the one home of atomic file writes: a temporary file in the same folder, moved into place
+  with ``os.replace`` (readers see the old file or the new one, never a part) only when its writer succeeded.
+  :func:`write_bytes_atomic` / :func:`write_text_atomic` / :func:`write_json` write through it; :func:`to_json` is the
   strict JSON of every record the project writes (NaN/inf → null).
 - :func:`atomic_dir`: build a folder under a hidden temporary name next to the target and rename it into place
   only when complete. The temporary folder holds an owner file (:data:`OWNER_FILE`: host, process id, target)
@@ -77,20 +78,31 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``): readers
-    see the old file or the new one, never a part. Creates the parent folder; returns ``path``."""
+@contextmanager
+def atomic_file(path: PathLike, prefix: Optional[str] = None) -> Iterator[Path]:
+    """A temporary file in ``path``'s folder to write (by any writer: ``save_file``, ``savefig``, …); when the block
+    ends without an exception it is moved onto ``path`` with ``os.replace`` (readers see the old file or the new one,
+    never a part), else removed. Creates the parent folder. ``prefix``: the temporary file's name prefix (default
+    ``.<name>.tmp-``), for callers that must tell their own temporary files from others'."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}{TMP_INFIX}", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    finally:
+        try:
+            Path(tmp).unlink(missing_ok=True)  # only when the replace did not happen: the file this call created
+        except OSError:
+            pass
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`). Creates the parent folder; returns ``path``."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def to_json(data, indent: Optional[int] = None) -> str:

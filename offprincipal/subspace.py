@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .files import WRITE_ERRORS, cache_unwritable
+from .files import WRITE_ERRORS, atomic_file, cache_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -514,19 +514,13 @@ class SubspaceCache:
         """Write the entry atomically; ``False`` (one warning per folder, no file left behind) when the location
         cannot be written."""
         path = self.path(fp, k, tag)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tensors = {"U": sub.U.detach().contiguous().cpu(), "S": sub.S.detach().cpu(), "V": sub.V.detach().contiguous().cpu()}
         meta = {"fingerprint": fp, "method": tag, "version": CACHE_FORMAT_VERSION, "shape": f"{sub.shape}"}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
             return True
         except WRITE_ERRORS as exc:  # a full disk raises SafetensorError from save_file, not OSError
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             cache_unwritable("subspace cache", self.directory, exc, "Point cache_dir (or $OFFPRINCIPAL_CACHE_DIR) at "
                              "a writable folder with free space to keep the bases between runs.")
             return False

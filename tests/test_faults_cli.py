@@ -373,3 +373,24 @@ def test_train_refuses_a_lone_surrogate_before_loading_the_model(tmp_path, monke
     err = capsys.readouterr().err
     assert f"{task}:7: a lone surrogate \\ud800 in 'prompt'" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_atomic_file_is_the_old_file_or_the_whole_new_one_and_leaves_no_temp(tmp_path):
+    """files.atomic_file, the one home of atomic file writes (the subspace cache, save_as_lora, the reports and
+    write_*_atomic write through it): a writer that fails leaves the old file as it was and no temporary file; one
+    that succeeds replaces it whole; a caller's prefix names the temporary file."""
+    target = tmp_path / "out" / "f.bin"
+    files.write_bytes_atomic(target, b"old")
+    seen = []
+    with pytest.raises(RuntimeError, match="disk gone"):
+        with files.atomic_file(target) as tmp:
+            seen.append(tmp.name)
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk gone")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+    assert seen[0].startswith(".f.bin.tmp-")
+    with files.atomic_file(target, prefix=".mine-") as tmp:
+        assert tmp.name.startswith(".mine-") and tmp.parent == target.parent
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # readers see the old file until the block ends
+    assert target.read_bytes() == b"new" and sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]

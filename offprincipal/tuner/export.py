@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -20,6 +19,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 
 from ..distributed import full_weight, is_distributed
+from ..files import atomic_file
 from .layer import OffPrincipalLayer
 
 _PEFT_PREFIX = "base_model.model."
@@ -119,14 +119,8 @@ def write_lora(path: Union[str, os.PathLike], lora_config: LoraConfig, state_dic
     }
     try:
         for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{name}.", suffix=".tmp", dir=path)
-            os.close(fd)
-            try:
-                write(Path(tmp))
-                os.replace(tmp, path / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)  # the temporary file this call created
+            with atomic_file(path / name, prefix=f"{_TMP_PREFIX}{name}.") as tmp:
+                write(tmp)
     except BaseException:
         if created and not any(path.iterdir()):
             path.rmdir()  # the empty folder this call created
