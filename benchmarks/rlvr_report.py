@@ -39,6 +39,7 @@ PERCENT = {"accuracy_after", "accuracy_delta", "retention_task_delta"}
 LAYER_ARMS = ["full", "offprincipal-full", "offprincipal", "lora", "pissa", "sft"]  # methods of the registry
 REQUIRED = ("run_id", "arm", "role", "method")
 _K_ARM = re.compile(r"offprincipal k=(\d+)$")
+_TAG = re.compile(r" [a-z][a-z0-9]*$")  # an arm re-run under a tag (rlvr.py --arm …:tag=WORD): "offprincipal rerun"
 
 
 # --- records and statistics ---------------------------------------------------------------------------------------
@@ -270,8 +271,8 @@ def outcome_arm(records, arm: str) -> str:
     rerun") when only the re-run has per-prompt outcomes: the pairings then use the re-run."""
     if _outcomes_by_seed(records, arm):
         return arm
-    reruns = sorted({r["arm"] for r in records if r["arm"].startswith(arm + " ")
-                     and re.fullmatch(r"[a-z][a-z0-9]*", r["arm"][len(arm) + 1:]) and _outcomes_by_seed(records, r["arm"])})
+    reruns = sorted({r["arm"] for r in records if r["arm"].startswith(arm + " ") and _TAG.search(r["arm"])
+                     and " " not in r["arm"][len(arm) + 1:] and _outcomes_by_seed(records, r["arm"])})
     return reruns[0] if reruns else arm
 
 
@@ -544,7 +545,8 @@ def _plot_gain_forgetting(records, path: Path) -> Path | None:
 def stability_groups(records) -> dict[tuple[str, float], list[dict]]:
     """(method, lr) → runs, for the methods of the stability sweep (``role == "stability"`` records): their own runs
     and every other run of the same method at the same top-k (main and sweep runs; the top-k ablation excluded; a
-    fixed-rate run that repeats a sweep run's method, rate and seed counted once). In method order, then by rate;
+    fixed-rate run that repeats a sweep run's method, rate and seed counted once; re-runs under a tag left out). In
+    method order, then by rate;
     {} without stability records."""
     own = [r for r in records if r.get("role") == "stability"]
     if not own:
@@ -552,7 +554,7 @@ def stability_groups(records) -> dict[tuple[str, float], list[dict]]:
     methods, top_k = {r["method"] for r in own}, {r.get("top_k") for r in own}
     unique = {}
     for r in records:
-        if r["method"] in methods and r.get("top_k") in top_k and not _K_ARM.match(r["arm"]):
+        if r["method"] in methods and r.get("top_k") in top_k and not _K_ARM.match(r["arm"]) and not _TAG.search(r["arm"]):
             unique.setdefault((r["method"], r.get("lr"), r.get("seed")), r)
     groups = _group(unique.values(), lambda r: (r["method"], r.get("lr")))
     return dict(sorted(groups.items(), key=lambda item: (_arm_key(item[0][0]), item[0][1] or 0)))
@@ -600,18 +602,65 @@ def _stability_table(groups) -> str:
     return _table(header, rows)
 
 
-def _stability_reading(groups) -> str:
-    """Per method: the rates where no run collapsed, where one did, and the rate of the highest mean gain."""
-    lines = []
+def _stability_reading(groups, records=()) -> str:
+    """Per method: the rates where no run collapsed, where one did, and the rate of the highest mean gain; then
+    OffPrincipal and LoRA each at that rate, compared."""
+    lines, best = [], {}
     for method in dict.fromkeys(m for m, _ in groups):
         rates = {lr: runs for (m, lr), runs in groups.items() if m == method}
         stable = [lr for lr, runs in rates.items() if "collapsed" not in map(run_outcome, runs)]
         unstable = [lr for lr in rates if lr not in stable]
-        best = max(rates, key=lambda lr: _stat(_metric(r, "accuracy_delta") for r in rates[lr])["mean"] or -1)
+        best[method] = max(rates, key=lambda lr: _stat(_metric(r, "accuracy_delta") for r in rates[lr])["mean"] or -1)
         lines.append(f"- {method}: no run collapsed at {', '.join(map(_num, stable)) or 'no rate'}"
                      + (f"; at least one run collapsed at {', '.join(map(_num, unstable))}" if unstable else "")
-                     + f"; highest mean gain at {_num(best)}.")
-    return "\n".join(lines)
+                     + f"; highest mean gain at {_num(best[method])}.")
+    if {"offprincipal", "lora"} <= set(best):
+        lines.append(_best_rates_line(groups[("offprincipal", best["offprincipal"])], groups[("lora", best["lora"])],
+                                      records))
+    return "\n".join(line for line in lines if line)
+
+
+def _outcomes_of_runs(runs: list[dict], records) -> tuple[dict, bool]:
+    """seed → per-prompt outcomes of ``runs``, taken from a re-run under a tag (same method, rate, top-k and seed)
+    where a run predates them; (outcomes, whether a re-run supplied any). Empty unless every run has them."""
+    outcomes, from_rerun = {}, False
+    for run in runs:
+        if run.get("correct_after"):
+            outcomes[run.get("seed")] = run["correct_after"]
+            continue
+        twin = next((r for r in records if _TAG.search(r["arm"]) and r.get("correct_after") and all(
+            r.get(key) == run.get(key) for key in ("method", "lr", "top_k", "seed"))), None)
+        if twin is None:
+            return {}, False
+        outcomes[run.get("seed")], from_rerun = twin["correct_after"], True
+    return outcomes, from_rerun
+
+
+def _runs_difference(a: list[dict], b: list[dict], records=()):
+    """Held-out accuracy of runs ``a`` minus runs ``b``: paired over seeds × prompts (two-stage bootstrap) when both
+    have per-prompt outcomes (their own, or their tagged re-run's) at shared seeds, else Welch over seeds;
+    (estimate, how) or None."""
+    (xa, rerun_a), (xb, rerun_b) = _outcomes_of_runs(a, records), _outcomes_of_runs(b, records)
+    seeds = sorted(s for s in set(xa) & set(xb) if len(xa[s]) == len(xb[s]))
+    if seeds:
+        how = f"paired over seeds {seeds} × prompts" + (", outcomes of the re-run where a run predates them"
+                                                         if rerun_a or rerun_b else "")
+        return paired_bootstrap([xa[s] for s in seeds], [xb[s] for s in seeds]), how
+    xs, ys = _finite(r.get("accuracy_after") for r in a), _finite(r.get("accuracy_after") for r in b)
+    if len(xs) > 1 and len(ys) > 1:
+        return welch_interval(xs, ys), "Welch over seeds, unpaired"
+    return None
+
+
+def _best_rates_line(ours: list[dict], lora: list[dict], records) -> str:
+    """OffPrincipal at its best rate against LoRA at its best rate (each chosen on the held-out set itself)."""
+    def arm(runs):
+        return (f"{_num(runs[0].get('lr'))}: {_pm(_stat(r.get('accuracy_after') for r in runs), 'accuracy_after')}% "
+                f"({len(runs)} seeds)")
+    result = _runs_difference(ours, lora, records)
+    difference = "" if result is None else f"; offprincipal minus lora {_ci(result[0], 'accuracy_after')} pp ({result[1]})"
+    return (f"- **Each adapter at its best rate** of those tried: offprincipal at {arm(ours)}, lora at {arm(lora)}"
+            f"{difference}. The best rates were picked on the held-out set itself, which flatters both alike.")
 
 
 def _plot_stability(groups, path: Path) -> Path | None:
@@ -651,7 +700,7 @@ def _stability_section(records, plots: Path) -> str | None:
              "interval, *collapsed* when above it. Reward: mean training reward over the last quarter of the steps. "
              "‖ΔW‖/‖W0‖ and the grad-norm column are n/a for runs recorded before the harness kept them; steps whose "
              "completions all got the same reward have no gradient (zero advantage) and are left out of the median.",
-             _stability_table(groups), _stability_reading(groups)]
+             _stability_table(groups), _stability_reading(groups, records)]
     plot = _plot_stability(groups, plots / "stability.png")
     if plot is not None:
         parts.append(f"![stability]({PLOTS}/{plot.name})")

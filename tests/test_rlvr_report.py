@@ -260,6 +260,38 @@ def test_stability_section(tmp_path):
     assert "- lora: no run collapsed at 0.0003, 0.001; at least one run collapsed at 0.003" in section
     assert "| 0.002 | 0.6 |" in section  # ‖ΔW‖/‖W0‖ and the median grad norm (steps without a gradient left out)
     assert (folder / "plots" / "stability.png").read_bytes()[:8] == PNG_MAGIC
+    # each adapter at its best rate: offprincipal 3e-4 (40, 41, 42%) against lora 3e-4 (38, 38%), Welch over seeds
+    # (these records have no per-prompt outcomes)
+    best = next(line for line in section.splitlines() if line.startswith("- **Each adapter at its best rate**"))
+    assert ("offprincipal at 0.0003: 41.0 ± 0.6% (3 seeds), lora at 0.0003: 38.0 ± 0.0% (2 seeds); offprincipal "
+            "minus lora +3.0 (95% CI") in best and "(Welch over seeds, unpaired)" in best
+
+
+def test_a_tagged_rerun_stays_out_of_the_stability_groups_and_best_rates_pair_on_outcomes(tmp_path):
+    """A re-run under a tag ("offprincipal rerun") repeats seeds of its arm: it is no extra seed of the rate. When
+    both best-rate arms have per-prompt outcomes, they are compared paired over seeds × prompts."""
+    records = outcome_records("offprincipal lr=0.0001", [0.40, 0.42], method="offprincipal", lr=1e-4)
+    records += outcome_records("lora lr=0.0001", [0.30, 0.32], method="lora", lr=1e-4)
+    records += outcome_records("offprincipal", [0.36, 0.37], lr=2e-4) + outcome_records("lora", [0.31, 0.31], lr=2e-4)
+    records += outcome_records("offprincipal rerun", [0.90, 0.90], method="offprincipal", lr=2e-4)
+    records += [make_record(f"{m} lr=0.001", s, 0.02, method=m, lr=1e-3, role="stability")
+                for m in ("offprincipal", "lora") for s in range(2)]
+    groups = rlvr_report.stability_groups(records)
+    assert [r["arm"] for r in groups[("offprincipal", 2e-4)]] == ["offprincipal", "offprincipal"]
+    section = rlvr_report.write_report(write_suite(tmp_path / "s", records)).read_text().split(
+        "## Stability sweep")[1].split("\n## ")[0]
+    best = next(line for line in section.splitlines() if line.startswith("- **Each adapter at its best rate**"))
+    assert "offprincipal at 0.0001: 41.0 ± 1.0% (2 seeds), lora at 0.0001: 31.0 ± 1.0% (2 seeds)" in best
+    assert "offprincipal minus lora +10.0 (95% CI +" in best and "paired over seeds [0, 1] × prompts" in best
+    # offprincipal's best rate is 2e-4, whose runs predate outcomes: the pairing takes them from its re-run
+    records = [r for r in records if r["arm"] not in ("offprincipal lr=0.0001", "offprincipal", "offprincipal rerun")]
+    records += [make_record("offprincipal", s, a, lr=2e-4) for s, a in enumerate([0.45, 0.46])]
+    records += outcome_records("offprincipal rerun", [0.44, 0.44], method="offprincipal", lr=2e-4)
+    section = rlvr_report.write_report(write_suite(tmp_path / "t", records)).read_text().split(
+        "## Stability sweep")[1].split("\n## ")[0]
+    best = next(line for line in section.splitlines() if line.startswith("- **Each adapter at its best rate**"))
+    assert "offprincipal at 0.0002: 45.5 ± 0.5% (2 seeds), lora at 0.0001: 31.0 ± 1.0% (2 seeds)" in best
+    assert "minus lora +13.0 (95% CI +" in best and "outcomes of the re-run where a run predates them" in best
 
 
 def test_no_stability_section_without_stability_runs(tmp_path):
