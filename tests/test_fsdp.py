@@ -6,8 +6,9 @@ to 1e-6 and stays off-principal; DDP equals it too; bases come from rank 0 even 
 
 tests/_fsdp_adapter_worker.py (adapter, TRL's fsdp2 recipe on a tiny Llama): rank 1 holds meta weights and gets
 rank 0's bases (equal to one process's, fp32, cache on rank 0 only); accelerate's fsdp2_prepare_model shards it;
-training equals one process to 1e-6 relative on ΔW, leak ≤ 1e-6; merge/unmerge exact; TRL's FSDP2 weight sync
-sends W0 + ΔW and no adapter parameter; to_lora, save_as_lora, save_pretrained and merge_and_unload export ΔW;
+SGD-momentum training equals one process on the whole batch to 1e-6 relative on ΔW; AdamW equals one process on
+the mean of the two half-batch gradients (factors bit for bit, ΔW to 1e-6); leak ≤ 1e-6; merge/unmerge exact;
+TRL's FSDP2 weight sync sends W0 + ΔW and no adapter parameter; to_lora, save_as_lora, save_pretrained and merge_and_unload export ΔW;
 FSDP1 per-leaf wrapping of the factors is refused. Its docstring lists every check.
 """
 
