@@ -91,7 +91,8 @@ def _add_train(sub) -> None:
                         '{"prompt": ..., "answer": ...} per line (see the README) (default: arithmetic)')
     p.add_argument("--model", default=None,
                    help=f"model folder, .gguf file or hub id (default: '{EMBEDDED}', SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=_positive_int, default=24, help="optimizer steps (default: 24)")
+    p.add_argument("--steps", type=_positive_int, default=40,
+                   help="optimizer steps (default: 40)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
                         + ")")
@@ -111,9 +112,9 @@ def _add_train(sub) -> None:
     p.add_argument("--temperature", type=_positive_float, default=0.7,
                    help="sampling temperature of the GRPO completions (default: 0.7; at 1.0 the embedded model's "
                         "samples are rarely right, so rewards rarely vary within a group)")
-    p.add_argument("--eval-n", type=_non_negative_int, default=100,
+    p.add_argument("--eval-n", type=_non_negative_int, default=200,
                    help="held-out prompts for the greedy accuracy before/after, with 95%% intervals (0: skip; "
-                        "default: 100)")
+                        "default: 200, the RLVR benchmark's set)")
     p.add_argument("--eval-before", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate held-out accuracy before training (default: on; a benchmark measures the base "
                         "model once and passes --no-eval-before)")
