@@ -91,8 +91,8 @@ def _add_train(sub) -> None:
                         '{"prompt": ..., "answer": ...} per line (see the README) (default: arithmetic)')
     p.add_argument("--model", default=None,
                    help=f"model folder, .gguf file or hub id (default: '{EMBEDDED}', SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=_positive_int, default=40,
-                   help="optimizer steps (default: 40)")
+    p.add_argument("--steps", type=_positive_int, default=32,
+                   help="optimizer steps (default: 32)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default: " + ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
                         + ")")
