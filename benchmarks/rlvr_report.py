@@ -320,7 +320,10 @@ def _paired_section(records, summary) -> str:
             gain = paired_bootstrap([after[s] for s in seeds], [base[s] for s in seeds])
             rows.append([arm, "base model", ", ".join(map(str, seeds)), _pp(gain),
                          f"{mcnemar_p([after[s] for s in seeds], [base[s] for s in seeds]):.2g}"])
-        for ref in references:
+        # the references, and the other adapter at the same settings ("offprincipal lr=0.0001" − "lora lr=0.0001")
+        settings = arm[len(_arm_method(arm)):]
+        twin = "lora" + settings if _arm_method(arm) == "offprincipal" and settings else None
+        for ref in [*references, *([twin] if twin in with_outcomes else [])]:
             if ref != arm and ref in with_outcomes and (result := paired(records, arm, ref)):
                 est, p_value, seeds = result
                 rows.append([arm, ref, ", ".join(map(str, seeds)), _pp(est), f"{p_value:.2g}"])
@@ -329,7 +332,8 @@ def _paired_section(records, summary) -> str:
              "Held-out accuracy of one arm minus another on the same prompts at the same seeds: the mean over seeds × "
              "prompts of the per-prompt difference, with a two-stage bootstrap interval (seeds, then prompts, "
              "resampled; 10,000 draws) and the exact McNemar p over the discordant (seed, prompt) pairs. Every arm "
-             "with per-prompt outcomes is paired with the base model and with " + " and ".join(references) + "."]
+             "with per-prompt outcomes is paired with the base model and with " + " and ".join(references) + ", and "
+             "an offprincipal arm at other settings with the lora arm at the same settings."]
     parts.append(_table(["arm", "minus", "seeds", "difference (pp, 95% CI)", "McNemar p"], rows) if rows else
                  "No arm has per-prompt outcomes yet.")
     if without:

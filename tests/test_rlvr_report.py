@@ -283,6 +283,9 @@ def test_a_tagged_rerun_stays_out_of_the_stability_groups_and_best_rates_pair_on
     best = next(line for line in section.splitlines() if line.startswith("- **Each adapter at its best rate**"))
     assert "offprincipal at 0.0001: 41.0 ± 1.0% (2 seeds), lora at 0.0001: 31.0 ± 1.0% (2 seeds)" in best
     assert "offprincipal minus lora +10.0 (95% CI +" in best and "paired over seeds [0, 1] × prompts" in best
+    paired = rlvr_report.write_report(write_suite(tmp_path / "p", records)).read_text().split(
+        "## Paired tests over seeds × prompts")[1].split("\n## ")[0]
+    assert "| offprincipal lr=0.0001 | lora lr=0.0001 | 0, 1 | +10.0 (95% CI +" in paired  # the same-rate pair
     # offprincipal's best rate is 2e-4, whose runs predate outcomes: the pairing takes them from its re-run
     records = [r for r in records if r["arm"] not in ("offprincipal lr=0.0001", "offprincipal", "offprincipal rerun")]
     records += [make_record("offprincipal", s, a, lr=2e-4) for s, a in enumerate([0.45, 0.46])]
