@@ -335,8 +335,6 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def write_report(path: Path, rows: list[dict], total: int, wall: float, jobs: int, entries) -> None:
-    from offprincipal.files import write_text_atomic
-
     import triton
 
     failed = [r for r in rows if not passes(r["targets"])]
@@ -368,7 +366,9 @@ def write_report(path: Path, rows: list[dict], total: int, wall: float, jobs: in
           if set(entries) != set(ENTRY_POINTS) else []), "",
         status, "",
     ] + table(rows)
-    write_text_atomic(path, "\n".join(report) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(report) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
