@@ -287,9 +287,13 @@ def _rerun_line(records, arm: str, rerun: str) -> str:
     pairs = ", ".join(f"seed {s}: {_value(old[s]['accuracy_after'], 'accuracy_after')} → "
                       f"{_value(new[s]['accuracy_after'], 'accuracy_after')}%" for s in seeds)
     commits = lambda runs: ", ".join(sorted({str(r.get("commit", "?"))[:7] for r in runs}))
+    same = all(old[s].get("reward_curve") and old[s].get("reward_curve") == new[s].get("reward_curve")
+               and old[s]["accuracy_after"] == new[s]["accuracy_after"] for s in seeds)
     return (f"The pairing uses **{rerun}**, {arm} run again at the same settings and seeds so that it has per-prompt "
             f"outcomes (its first records predate them). Held-out accuracy, first run → re-run: {pairs} (commits "
-            f"{commits(old[s] for s in seeds)} → {commits(new[s] for s in seeds)}).")
+            f"{commits(old[s] for s in seeds)} → {commits(new[s] for s in seeds)})."
+            + (" The re-run repeats the first runs exactly (the same reward at every step and the same held-out "
+               "accuracy at every seed), so its per-prompt outcomes are theirs." if same else ""))
 
 
 def paired(records, a: str, b: str):

@@ -387,7 +387,12 @@ def test_geometry_pairs_the_rerun_of_an_arm_whose_records_lack_outcomes(tmp_path
     geometry = report.split("## Is it the geometry?")[1].split("\n## ")[0]
     line = geometry.split("offprincipal rerun minus offprincipal-random, held-out accuracy: ")[1]
     assert line.startswith("+11.0 (95% CI +") and "paired over 3 seed(s) × 200 prompts" in line
-    assert "seed 0: 36.5 → 40.0%, seed 1: 37.0 → 42.0%, seed 2: 36.0 → 41.0% (commits 980e0cd → 651c5f4)" in geometry
+    assert "seed 0: 36.5 → 40.0%, seed 1: 37.0 → 42.0%, seed 2: 36.0 → 41.0% (commits 980e0cd → 651c5f4)." in geometry
+    assert "repeats the first runs exactly" not in geometry  # other accuracies: not the same runs
+    same = [dict(r, accuracy_after=o["accuracy_after"]) if r["arm"] == "offprincipal" else r
+            for r, o in zip(records, records[3:6] + records[3:])]  # first runs with the re-run's figures
+    geometry = rlvr_report.write_report(write_suite(tmp_path / "same", same)).read_text()
+    assert "The re-run repeats the first runs exactly (the same reward at every step" in geometry
     paired = report.split("## Paired tests over seeds × prompts")[1].split("\n## ")[0]
     assert "| offprincipal-random | offprincipal rerun | 0, 1, 2 | -11.0 (95% CI" in paired
     # a re-run without outcomes is not preferred: the arm's own Welch interval over its seeds stays
