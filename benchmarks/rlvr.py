@@ -9,8 +9,8 @@ suite resumes after an interruption). Run folders (logs, metrics, reports; weigh
 go to ``runs/rlvr/<suite>/`` (not committed). ``benchmarks/rlvr_report.py`` turns the records into report.md.
 A record carries the per-prompt 0/1 outcomes of the base model and of the run (lenient and strict scoring) and names
 the run's completions, kept beside it as ``<run_id>.completions.jsonl.gz``. Arms beyond the default plan are named
-with ``--arm METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD]`` (e.g. the controls of issue 18; a tag re-runs an arm
-under its own run ids, e.g. to record what its old records lack).
+with ``--arm METHOD[:lr=LR][:k=K][:seeds=N][:first=S][:tag=WORD]`` (e.g. the controls of issue 18; a tag re-runs
+an arm under its own run ids, e.g. to record what its old records lack).
 
 Learning rates: a sweep on seed 0 for ``lora``, ``offprincipal`` and ``full`` picks, per swept method, the rate with
 the highest mean training reward over all steps (never the held-out set); the other methods take the rate of their
@@ -91,6 +91,12 @@ class Suite:
         return {key: getattr(self, key) for key in keys}
 
 
+def _non_negative(value: str) -> int:
+    if int(value) < 0:
+        raise ValueError(value)
+    return int(value)
+
+
 def _tag(value: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9]*", value):
         raise ValueError(value)
@@ -109,6 +115,7 @@ class ExtraArm:
     top_k: Optional[int] = None
     seeds: Optional[int] = None
     tag: Optional[str] = None
+    first: int = 0  # the first seed: seeds first … first+seeds-1 (a second process can take an arm's later seeds)
 
     def name(self, suite: "Suite") -> str:
         """``method``, then `` lr=…`` when a rate is given, `` k=…`` when k differs from the suite's and `` TAG``
@@ -121,12 +128,12 @@ class ExtraArm:
         lr = self.lr if self.lr is not None else get_method(self.method).default_lr
         seeds = self.seeds if self.seeds is not None else suite.seeds
         return [RunSpec(self.method, seed, lr, self.top_k or suite.top_k, self.name(suite), extra=order,
-                        tag=self.tag or "") for seed in range(seeds)]
+                        tag=self.tag or "") for seed in range(self.first, self.first + seeds)]
 
     @classmethod
     def parse(cls, text: str) -> "ExtraArm":
-        """``METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD]`` → an ExtraArm; SystemExit naming the flag and the form
-        otherwise."""
+        """``METHOD[:lr=LR][:k=K][:seeds=N][:first=S][:tag=WORD]`` → an ExtraArm; SystemExit naming the flag and
+        the form otherwise."""
         method, *options = text.split(":")
         method = canonical_name(method)
         if method not in METHODS:
@@ -134,12 +141,12 @@ class ExtraArm:
         values = {}
         for option in options:
             key, _, value = option.partition("=")
-            kind = {"lr": float, "k": int, "seeds": int, "tag": _tag}.get(key)
+            kind = {"lr": float, "k": int, "seeds": int, "tag": _tag, "first": _non_negative}.get(key)
             try:
                 values[{"k": "top_k"}.get(key, key)] = kind(value)
             except (TypeError, ValueError):
-                raise SystemExit(f"rlvr: --arm {text!r}: expected METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD] (WORD: "
-                                 "lower-case letters and digits), e.g. lora:lr=1e-4:seeds=2, offprincipal:k=8:seeds=2 "
+                raise SystemExit(f"rlvr: --arm {text!r}: expected METHOD[:lr=LR][:k=K][:seeds=N][:first=S][:tag=WORD] "
+                                 "(WORD: lower-case letters and digits), e.g. lora:lr=1e-4:seeds=2, offprincipal:k=8:seeds=2 "
                                  "or offprincipal:seeds=3:tag=rerun") from None
         return cls(method, **values)
 
@@ -624,10 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stability sweep: each method at each rate, --stability-seeds seeds (runs the comparison "
                         "already has are not repeated), e.g. offprincipal=2e-4,1e-3,3e-3 lora=2e-4,1e-3,3e-3")
     g.add_argument("--stability-seeds", type=int, default=None, help="seeds of the stability sweep (default: 2)")
-    g.add_argument("--arm", nargs="+", default=None, metavar="METHOD[:lr=LR][:k=K][:seeds=N][:tag=WORD]",
+    g.add_argument("--arm", nargs="+", default=None, metavar="METHOD[:lr=LR][:k=K][:seeds=N][:first=S][:tag=WORD]",
                    help="extra arms, run after the others in the order given, e.g. offprincipal-random:seeds=3 "
                         "lora:lr=1e-4:seeds=2 offprincipal:k=8:seeds=2 (rate: the method's default; k: --top-k; "
-                        "seeds: --seeds; tag: a second arm of the same settings under run ids ending in -TAG, e.g. "
+                        "seeds: --seeds; first: the first seed, default 0; tag: a second arm of the same settings under run ids ending in -TAG, e.g. "
                         "offprincipal:seeds=3:tag=rerun)")
     return p
 

@@ -205,6 +205,11 @@ def test_a_tagged_arm_reruns_existing_runs_under_its_own_ids_and_name():
     assert [s.run_id for s in rerun] == [f"offprincipal-k32-lr0.0002-s{i}-rerun" for i in range(3)]
     assert {s.arm for s in rerun} == {"offprincipal rerun"} and {s.role for s in rerun} == {"main"}
     assert [(s.method, s.seed, s.lr, s.top_k) for s in rerun] == [(s.method, s.seed, s.lr, s.top_k) for s in main]
+    # :first=S takes an arm's later seeds only (a second process sharing the work), under the arm's own ids
+    later = rlvr.ExtraArm.parse("offprincipal:k=128:seeds=1:first=1").specs(rlvr._suite_from(args), 0)
+    assert [(s.run_id, s.arm) for s in later] == [("offprincipal-k128-lr0.0002-s1", "offprincipal k=128")]
+    with pytest.raises(SystemExit, match="first=S"):
+        rlvr.ExtraArm.parse("lora:first=-1")
 
 
 def test_extra_arms_are_planned_after_the_others_in_the_order_given():
